@@ -1,0 +1,73 @@
+"""Atomic checkpoint writes and RNG state round trips."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from utils import checkpoint as checkpoint_module
+from utils.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    collect_rng_states,
+    load_checkpoint,
+    restore_rng_states,
+)
+
+
+def test_save_load_round_trip(tmp_path):
+    state = {"model": {"w": torch.arange(4.0)}, "epoch": 3, "config": {"a": [1, 2]}}
+    atomic_save(state, tmp_path / "last.pt")
+    loaded = load_checkpoint(tmp_path / "last.pt")
+    assert torch.equal(loaded["model"]["w"], torch.arange(4.0)) and loaded["epoch"] == 3
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_crash_during_save_keeps_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_save({"model": {"w": torch.zeros(2)}, "epoch": 1}, path)
+
+    def crashing_save(obj, handle):
+        handle.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", crashing_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"model": {"w": torch.ones(2)}, "epoch": 2}, path)
+    monkeypatch.undo()
+    loaded = load_checkpoint(path)
+    assert loaded["epoch"] == 1 and torch.equal(loaded["model"]["w"], torch.zeros(2))
+    assert not list(tmp_path.glob("*.tmp")), "the temporary file must be cleaned up"
+
+
+def test_broken_and_foreign_files_give_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*broken.pt"):
+        load_checkpoint(broken)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(1)}, foreign)
+    with pytest.raises(CheckpointError, match="no 'model' entry"):
+        load_checkpoint(foreign)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "fn": random.Random}, path)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(path)
+
+
+def test_rng_states_survive_a_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    atomic_save({"model": {}, "rng": collect_rng_states()}, tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    restore_rng_states(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]

@@ -1,0 +1,98 @@
+"""Config loading: defaults, validation errors that name the key, dotted overrides, save/reload."""
+
+import pytest
+
+from utils.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, parse_overrides, save_config
+
+
+def write(tmp_path, text, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_reproduce_reference_recipe():
+    cfg = load_config(None)
+    assert cfg.train.batch_size == 32 and cfg.train.lr == 1e-3 and cfg.train.momentum == 0.9
+    assert cfg.train.weight_decay == 5e-4 and cfg.train.epochs == 230 and cfg.train.milestones == [150, 190]
+    assert len(cfg.data.classes) == 20 and cfg.model.scales == [0.2, 0.4, 0.6]
+
+
+def test_run_name_defaults_to_file_stem(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  epochs: 3\n", name="my_run.yaml"))
+    assert cfg.run.name == "my_run"
+    assert cfg.train.epochs == 3
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.epochz'"):
+        load_config(write(tmp_path, "train:\n  epochz: 3\n"))
+
+
+def test_unknown_section_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'trainer'"):
+        load_config(write(tmp_path, "trainer:\n  epochs: 3\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("train:\n  epochs: many\n", "train.epochs"),
+        ("train:\n  lr: fast\n", "train.lr"),
+        ("train:\n  epochs: 2.5\n", "train.epochs"),
+        ("model:\n  pretrained: 1\n", "model.pretrained"),
+        ("data:\n  classes: cat\n", "data.classes"),
+        ("model:\n  scales: [0.2, big]\n", r"model.scales\[1\]"),
+        ("loss:\n  classification: hinge\n", "loss.classification"),
+        ("model:\n  image_size: 100\n", "model.image_size"),
+        ("train:\n  batch_size: 0\n", "train.batch_size"),
+    ],
+)
+def test_wrong_values_name_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(write(tmp_path, text))
+
+
+def test_int_accepted_for_float_and_null_for_optional(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  lr: 1\n  grad_clip_norm: null\n"))
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.grad_clip_norm is None
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [unclosed\n"))
+
+
+def test_dotted_overrides_apply_with_types(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 3\n")
+    cfg = load_config(path, ["train.epochs=2", "data.root=/x", "train.lr=0.01", "model.scales=[0.1,0.3]",
+                             "train.grad_clip_norm=null", "model.pretrained=false"])
+    assert cfg.train.epochs == 2 and cfg.data.root == "/x" and cfg.train.lr == 0.01
+    assert cfg.model.scales == [0.1, 0.3] and cfg.train.grad_clip_norm is None and cfg.model.pretrained is False
+
+
+def test_override_errors_name_the_key(tmp_path):
+    path = write(tmp_path, "{}\n")
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        load_config(path, ["train.epochs=two"])
+    with pytest.raises(ConfigError, match=r"train\.nope"):
+        load_config(path, ["train.nope=1"])
+    with pytest.raises(ConfigError, match="must look like"):
+        parse_overrides(["train.epochs"])
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        load_config(path, ["train.epochs.x=1"])
+    with pytest.raises(ConfigError, match="is not a section"):
+        load_config(write(tmp_path, "train:\n  epochs: 3\n"), ["train.epochs.x=1"])
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  epochs: 7\n"), ["data.root=/data"])
+    save_config(cfg, tmp_path / "saved.yaml")
+    again = load_config(tmp_path / "saved.yaml")
+    assert config_to_dict(again) == config_to_dict(cfg)
+    assert isinstance(config_from_dict(config_to_dict(cfg), ["train.epochs=9"]), Config)
+    assert config_from_dict(config_to_dict(cfg), ["train.epochs=9"]).train.epochs == 9
+    assert cfg.train.epochs == 7  # the source mapping is not modified by overrides

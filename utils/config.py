@@ -1,0 +1,332 @@
+"""Typed, validated configuration: YAML file + dotted `key=value` overrides on top of dataclass defaults.
+
+The dataclasses below are the single source of truth for every key, its type and its default; the
+configuration reference in docs/CONFIG.md describes the same fields. Only train.py, eval.py and detect.py
+see the whole config; modules receive explicit arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+VOC_CLASSES = [
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+]  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # empty: the config file's stem
+    output_dir: str = "checkpoints"
+    seed: int = 0
+
+
+@dataclass
+class SyntheticConfig:
+    n_trainval: int = 2000
+    n_test: int = 500
+    image_size: int = 256
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # voc: a VOCdevkit tree; folder: images + VOC XML folders (labelImg); coco: instances JSON;
+    # synthetic: the built-in shapes dataset, generated under `root` on first use.
+    format: str = "voc"
+    root: str = "data/VOCdevkit"
+    train_sets: list[list[str]] = field(
+        default_factory=lambda: [["VOC2007", "trainval"], ["VOC2012", "trainval"]]
+    )
+    test_sets: list[list[str]] = field(default_factory=lambda: [["VOC2007", "test"]])
+    classes: list[str] = field(default_factory=lambda: list(VOC_CLASSES))
+    ignore_unknown_classes: bool = False
+    train_use_difficult: bool = False
+    # format: folder
+    images_dir: str = "images"
+    annotations_dir: str = "annotations"
+    train_split_file: str | None = None
+    test_split_file: str | None = None
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    # format: coco
+    train_images: str = ""
+    train_annotations: str = ""
+    test_images: str = ""
+    test_annotations: str = ""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    cache_dir: str = "data/cache"
+    cache_images: bool = False
+    num_workers: int = 2
+    pin_memory: bool = True
+    persistent_workers: bool = True
+
+
+@dataclass
+class AugmentConfig:
+    photometric: bool = True
+    expand_max_ratio: float = 4.0  # 1.0 disables zoom-out
+    expand_probability: float = 0.5
+    random_crop: bool = True
+    horizontal_flip: bool = True
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 224
+    width_mult: float = 1.0
+    batch_norm: bool = False
+    pretrained: bool = True
+    weights_path: str | None = None
+    scales: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6])
+    aspect_ratios: list[float] = field(default_factory=lambda: [1.0, 2.0, 0.5])
+    variances: list[float] = field(default_factory=lambda: [0.1, 0.2])
+
+
+@dataclass
+class LossConfig:
+    classification: str = "hard_negative"  # hard_negative | focal_sigmoid | focal_softmax
+    threshold: float = 0.5
+    neg_pos_ratio: int = 3
+    alpha: float = 1.0
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 230
+    batch_size: int = 32  # per process
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "multistep"  # multistep | cosine
+    milestones: list[int] = field(default_factory=lambda: [150, 190])  # epochs
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    grad_clip_norm: float | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
+    channels_last: bool = True
+    compile: bool = False
+    cudnn_benchmark: bool = True
+    save_every_steps: int = 0  # 0: only at the end of each epoch
+    eval_every_epochs: int = 10  # 0: never during training
+    eval_first_epoch: int = 1  # no periodic evaluation before this epoch
+    log_every_steps: int = 10
+    stop_at_map: float | None = None  # stop early once VOC07 mAP reaches this
+
+
+@dataclass
+class EvalConfig:
+    min_score: float = 0.01
+    max_overlap: float = 0.45
+    top_k: int = 200
+    batch_size: int = 32
+    coco_metrics: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.format": ("voc", "folder", "coco", "synthetic"),
+    "loss.classification": ("hard_negative", "focal_sigmoid", "focal_softmax"),
+    "train.optimizer": ("sgd", "adamw"),
+    "train.schedule": ("multistep", "cosine"),
+    "train.amp": ("auto", "off", "bf16", "fp16"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (int -> float only)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list of {_type_name(item_type)}, got {value!r}")
+        return [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}' has an unsupported type {tp!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """Instantiate dataclass `cls` from a (partial) mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        key = prefix + str(unknown[0])
+        raise ConfigError(f"unknown config key '{key}' (known keys here: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in values.items():
+        key = prefix + name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, key + ".")
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+            if key in CHOICES and kwargs[name] not in CHOICES[key]:
+                raise ConfigError(f"config key '{key}' must be one of {CHOICES[key]}, got {value!r}")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+    parts = dotted_key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted_key}': '{'.'.join(parts[: i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Parse `key=value` strings; values are read as YAML scalars/lists (`lr=1e-3`, `x=[1,2]`, `y=null`)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override '{item}': cannot parse value {raw!r}: {error}") from None
+        parsed.append((key, value))
+    return parsed
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or only defaults when `path` is None) and apply dotted overrides.
+
+    Raises ConfigError naming the file or key for a missing file, bad YAML, unknown key or wrong type.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
+    try:
+        cfg = config_from_dict(tree, overrides)
+    except ConfigError as error:
+        where = f" ({path})" if path is not None else ""
+        raise ConfigError(f"{error}{where}") from None
+    if not cfg.run.name:
+        cfg.run.name = Path(path).stem if path is not None else "run"
+    return cfg
+
+
+def _check_values(cfg: Config) -> None:
+    """Semantic checks that types alone cannot express."""
+    positive = {
+        "model.image_size": cfg.model.image_size,
+        "train.epochs": cfg.train.epochs,
+        "train.batch_size": cfg.train.batch_size,
+        "train.lr": cfg.train.lr,
+        "eval.batch_size": cfg.eval.batch_size,
+        "model.width_mult": cfg.model.width_mult,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    if cfg.model.image_size % 32 != 0:
+        raise ConfigError(f"config key 'model.image_size' must be a multiple of 32, got {cfg.model.image_size}")
+    if len(cfg.model.variances) != 2:
+        raise ConfigError(f"config key 'model.variances' must hold 2 numbers, got {cfg.model.variances}")
+    if not cfg.data.classes:
+        raise ConfigError("config key 'data.classes' must list at least one class")
+    if len(set(cfg.data.classes)) != len(cfg.data.classes):
+        raise ConfigError(f"config key 'data.classes' has duplicates: {cfg.data.classes}")
+    for key in ("data.train_sets", "data.test_sets"):
+        for pair in getattr(cfg.data, key.split(".")[1]):
+            if len(pair) != 2:
+                raise ConfigError(f"config key '{key}' must hold [folder, split] pairs, got {pair}")
+    if not 0.0 < cfg.loss.threshold <= 1.0:
+        raise ConfigError(f"config key 'loss.threshold' must be in (0, 1], got {cfg.loss.threshold}")
+    if not 0.0 <= cfg.data.test_fraction < 1.0:
+        raise ConfigError(f"config key 'data.test_fraction' must be in [0, 1), got {cfg.data.test_fraction}")
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(tree: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """Build a Config from a mapping (a parsed file or one saved in a checkpoint) plus dotted overrides."""
+    tree = copy.deepcopy(tree)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree, "")
+    _check_values(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
