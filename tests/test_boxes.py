@@ -1,0 +1,57 @@
+"""Box conversions and prior-relative coding."""
+
+import math
+
+import torch
+from torchvision.models.detection._utils import BoxCoder
+
+from utils.boxes import cxcywh_to_xyxy, decode_boxes, encode_boxes, xyxy_to_cxcywh
+
+
+def random_boxes(n, generator):
+    xy = torch.rand(n, 2, generator=generator) * 0.7
+    wh = torch.rand(n, 2, generator=generator) * 0.3 + 0.01
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+def test_format_conversions_hand_computed():
+    xyxy = torch.tensor([[0.1, 0.2, 0.5, 0.8]])
+    cxcywh = torch.tensor([[0.3, 0.5, 0.4, 0.6]])
+    assert torch.allclose(xyxy_to_cxcywh(xyxy), cxcywh)
+    assert torch.allclose(cxcywh_to_xyxy(cxcywh), xyxy)
+
+
+def test_encode_hand_computed():
+    prior = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
+    box = torch.tensor([[0.4, 0.4, 0.8, 0.6]])  # centre (0.6, 0.5), size (0.4, 0.2)
+    expected = torch.tensor([[0.1 / (0.1 * 0.2), 0.0, math.log(2.0) / 0.2, 0.0]])
+    assert torch.allclose(encode_boxes(box, prior), expected, atol=1e-5)
+    assert torch.allclose(decode_boxes(expected, prior), box, atol=1e-6)
+
+
+def test_round_trip_batched():
+    g = torch.Generator().manual_seed(0)
+    priors = xyxy_to_cxcywh(random_boxes(50, g))
+    boxes = random_boxes(3 * 50, g).view(3, 50, 4)
+    offsets = encode_boxes(boxes, priors)
+    assert offsets.shape == (3, 50, 4)
+    assert torch.allclose(decode_boxes(offsets, priors), boxes, atol=1e-5)
+
+
+def test_matches_torchvision_boxcoder():
+    # Variances (0.1, 0.2) are BoxCoder weights (10, 10, 5, 5).
+    g = torch.Generator().manual_seed(1)
+    priors_xyxy, boxes = random_boxes(20, g), random_boxes(20, g)
+    coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
+    expected = coder.encode_single(boxes, priors_xyxy)
+    assert torch.allclose(encode_boxes(boxes, xyxy_to_cxcywh(priors_xyxy)), expected, atol=1e-4)
+
+
+def test_decode_never_overflows():
+    priors = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
+    offsets = torch.tensor([[[0.0, 0.0, 1e4, -1e4]]])
+    boxes = decode_boxes(offsets, priors)
+    assert torch.isfinite(boxes).all()
+    # width clamped at 0.2 * 1000 / 16 = 12.5; height underflows to 0
+    assert math.isclose(float(boxes[0, 0, 2] - boxes[0, 0, 0]), 12.5, rel_tol=1e-5)
+    assert float(boxes[0, 0, 3] - boxes[0, 0, 1]) == 0.0
