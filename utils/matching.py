@@ -1,0 +1,142 @@
+"""Assign ground-truth boxes to priors, for a whole batch at once.
+
+Ground truth arrives as one ``(n_i, 4)`` tensor per image; :func:`pad_targets` packs it into ``(N, M, 4)``
+with a validity mask so :func:`match_priors` can work on one ``(N, M, P)`` IoU tensor with no loop over
+images or boxes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from utils.boxes import box_iou, cxcywh_to_xyxy
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Matches", "TargetError", "match_priors", "pad_targets"]
+
+
+class TargetError(ValueError):
+    """Ground-truth boxes or labels with a wrong type, shape or length."""
+
+
+class Matches(NamedTuple):
+    """Result of :func:`match_priors` for a batch of ``N`` images and ``P`` priors.
+
+    Attributes:
+        labels: ``(N, P)`` long, the matched box's label for positive priors, 0 (background) elsewhere.
+        boxes_xyxy: ``(N, P, 4)`` the matched box of every prior (meaningful for positives only; for
+            images without boxes it is the zero padding).
+        gt_index: ``(N, P)`` long, index of the matched box in the padded ground truth.
+        iou: ``(N, P)`` the prior's best IoU with any real box of its image (-1 when it has none).
+        forced: ``(N, P)`` bool, the prior was claimed as a box's best prior.
+        positive: ``(N, P)`` bool, ``forced | (iou >= threshold)``.
+    """
+
+    labels: Tensor
+    boxes_xyxy: Tensor
+    gt_index: Tensor
+    iou: Tensor
+    forced: Tensor
+    positive: Tensor
+
+
+def pad_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Pack per-image ground truth into padded batch tensors.
+
+    Args:
+        boxes: ``N`` tensors of shape ``(n_i, 4)`` (fractional xyxy); ``n_i`` may be 0.
+        labels: ``N`` tensors of shape ``(n_i,)`` (long).
+
+    Returns:
+        ``(boxes (N, M, 4), labels (N, M) long, valid (N, M) bool)`` with ``M = max(1, max n_i)`` so the
+        box dimension is never empty; padded entries are zero boxes with label 0 and ``valid`` False.
+        Tensors live on the device and dtype of the first box tensor.
+    """
+    if len(boxes) != len(labels):
+        raise TargetError(f"got {len(boxes)} box tensors but {len(labels)} label tensors; need one of each per image")
+    if len(boxes) == 0:
+        raise TargetError("pad_targets needs at least one image")
+    for i, (b, lab) in enumerate(zip(boxes, labels, strict=True)):
+        if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
+            shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
+            raise TargetError(f"boxes[{i}] must be a (n, 4) tensor, got {shape}")
+        if not isinstance(lab, Tensor) or lab.dim() != 1 or lab.shape[0] != b.shape[0]:
+            shape = tuple(lab.shape) if isinstance(lab, Tensor) else type(lab).__name__
+            raise TargetError(f"labels[{i}] must be a ({b.shape[0]},) tensor to match boxes[{i}], got {shape}")
+        if lab.dtype.is_floating_point or lab.dtype == torch.bool:
+            raise TargetError(f"labels[{i}] must hold integers, got dtype {lab.dtype}")
+
+    device, dtype = boxes[0].device, boxes[0].dtype
+    counts_list = [int(b.shape[0]) for b in boxes]
+    n_images, max_boxes = len(boxes), max(1, max(counts_list))
+    padded_boxes = torch.zeros(n_images, max_boxes, 4, device=device, dtype=dtype)
+    padded_labels = torch.zeros(n_images, max_boxes, device=device, dtype=torch.long)
+    valid = torch.zeros(n_images, max_boxes, device=device, dtype=torch.bool)
+    if sum(counts_list) == 0:
+        return padded_boxes, padded_labels, valid
+
+    # One scatter for the whole batch: row = image index, column = position of the box in its image.
+    counts = torch.tensor(counts_list, device=device)
+    image_index = torch.repeat_interleave(torch.arange(n_images, device=device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(image_index.numel(), device=device) - starts[image_index]
+    padded_boxes[image_index, slot] = torch.cat([b.to(device, dtype) for b in boxes])
+    padded_labels[image_index, slot] = torch.cat([lab.to(device) for lab in labels]).long()
+    valid[image_index, slot] = True
+    return padded_boxes, padded_labels, valid
+
+
+def match_priors(gt_boxes_xyxy: Tensor, gt_labels: Tensor, valid: Tensor, priors_cxcywh: Tensor,
+                 threshold: float = 0.5) -> Matches:
+    """Match every prior of every image to a ground-truth box or to background.
+
+    Rules, applied to the whole batch at once:
+
+    1. Every real box claims the prior it overlaps most (its best prior), which becomes positive even
+       when that IoU is below ``threshold``: no box is left without a prior because of its shape.
+    2. When several boxes claim the same prior, the box with the highest IoU with that prior wins, and
+       on equal IoU the box that comes first in the image's list. The other claimants keep no forced
+       prior (they can still win priors in step 3).
+    3. Every other prior takes the box it overlaps most if that IoU is ``>= threshold``, else it is
+       background (label 0). Equal IoUs go to the box that comes first.
+
+    Args:
+        gt_boxes_xyxy: ``(N, M, 4)`` padded fractional boxes (see :func:`pad_targets`).
+        gt_labels: ``(N, M)`` long labels in 1..C-1.
+        valid: ``(N, M)`` bool, False for padding.
+        priors_cxcywh: ``(P, 4)``.
+        threshold: IoU from which a prior is positive.
+
+    Returns:
+        :class:`Matches`.
+    """
+    n_images, max_boxes, _ = gt_boxes_xyxy.shape
+    n_priors = priors_cxcywh.shape[0]
+    priors_xyxy = cxcywh_to_xyxy(priors_cxcywh)
+
+    iou = box_iou(gt_boxes_xyxy.reshape(-1, 4), priors_xyxy).reshape(n_images, max_boxes, n_priors)
+    # -1 is below any real IoU, so padding never wins a prior nor is a prior's best box.
+    iou = iou.masked_fill(~valid[..., None], -1.0)
+
+    prior_iou, prior_gt = iou.max(dim=1)  # (N, P): best box of each prior (first index on ties)
+    gt_best_prior = iou.argmax(dim=2)  # (N, M): best prior of each box (first index on ties)
+
+    # claims[n, m, p]: box m of image n claims prior p. Among claimants, argmax over m of the claim IoU
+    # picks the highest IoU, and the lowest box index on equal IoU (argmax returns the first maximum).
+    claims = torch.zeros_like(valid[..., None].expand(-1, -1, n_priors))
+    claims.scatter_(2, gt_best_prior[..., None], valid[..., None])
+    forced = claims.any(dim=1)
+    claim_winner = torch.where(claims, iou, iou.new_tensor(-2.0)).argmax(dim=1)  # (N, P)
+
+    gt_index = torch.where(forced, claim_winner, prior_gt)
+    positive = forced | (prior_iou >= threshold)
+    labels = torch.where(positive, gt_labels.gather(1, gt_index), torch.zeros_like(gt_index))
+    boxes = gt_boxes_xyxy.gather(1, gt_index[..., None].expand(-1, -1, 4))
+    return Matches(labels=labels, boxes_xyxy=boxes, gt_index=gt_index, iou=prior_iou, forced=forced,
+                   positive=positive)
