@@ -1,0 +1,241 @@
+"""MultiBox loss: Smooth L1 localization plus a classification loss over the matched priors.
+
+Classification is either softmax cross-entropy with hard-negative mining (the SSD recipe) or a focal
+loss (RetinaNet), sigmoid or softmax. Everything is vectorized over the batch; the only host sync is the
+input check and the positive count returned for logging.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import sigmoid_focal_loss
+
+from utils.boxes import cxcywh_to_xyxy, encode_boxes
+from utils.matching import TargetError, match_priors, pad_targets
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CLASSIFICATION_LOSSES",
+    "LossInputError",
+    "LossOutput",
+    "MultiBoxLoss",
+    "hard_negative_mask",
+    "score_activation_for",
+]
+
+CLASSIFICATION_LOSSES = ("hard_negative", "focal_sigmoid", "focal_softmax")
+
+
+class LossInputError(ValueError):
+    """Bad loss configuration or inputs (shapes, label range, degenerate boxes)."""
+
+
+class LossOutput(NamedTuple):
+    """Loss parts of one batch; ``total = confidence + alpha * localization``."""
+
+    total: Tensor
+    localization: Tensor
+    confidence: Tensor
+    n_positives: int
+
+
+def score_activation_for(classification: str) -> str:
+    """Activation that turns the head's logits into class scores for a model trained with this loss.
+
+    ``"sigmoid"`` for ``focal_sigmoid`` (the background column is unused there), ``"softmax"`` otherwise;
+    pass it as ``activation`` to :func:`utils.postprocess.detect_objects`.
+    """
+    if classification not in CLASSIFICATION_LOSSES:
+        raise LossInputError(f"classification must be one of {CLASSIFICATION_LOSSES}, got {classification!r}")
+    return "sigmoid" if classification == "focal_sigmoid" else "softmax"
+
+
+def hard_negative_mask(neg_loss: Tensor, positive: Tensor, neg_pos_ratio: float) -> Tensor:
+    """Select, per image, the ``neg_pos_ratio * n_pos`` negatives with the highest loss.
+
+    The count is capped by the image's number of negatives. Uses the two-sort ranking trick: sorting the
+    losses, then sorting the sort indices, gives each prior's rank within its image without a loop.
+
+    Args:
+        neg_loss: ``(N, P)`` per-prior classification loss (no gradient needed).
+        positive: ``(N, P)`` bool.
+        neg_pos_ratio: negatives kept per positive.
+
+    Returns:
+        ``(N, P)`` bool mask of the selected negatives (never a positive).
+    """
+    n_priors = positive.shape[1]
+    n_pos = positive.sum(dim=1, keepdim=True)
+    n_neg = torch.minimum((n_pos * neg_pos_ratio).floor().long(), n_priors - n_pos)
+    # Positives rank last; a stable sort makes the choice among equal losses deterministic.
+    ranked = neg_loss.detach().masked_fill(positive, -math.inf)
+    order = ranked.sort(dim=1, descending=True, stable=True).indices
+    rank = order.argsort(dim=1)
+    return rank < n_neg
+
+
+class MultiBoxLoss(nn.Module):
+    """Loss of the single-shot detector.
+
+    Args:
+        priors_cxcywh: ``(P, 4)`` priors, same order as the head's outputs.
+        threshold: IoU from which a prior is matched to a box (see :func:`utils.matching.match_priors`).
+        neg_pos_ratio: hard negatives kept per positive, per image (``hard_negative`` only).
+        alpha: weight of the localization loss in the total.
+        variances: box coding variances (centre, size).
+        classification: ``"hard_negative"``, ``"focal_sigmoid"`` or ``"focal_softmax"``.
+        focal_gamma: focusing parameter of the focal losses.
+        focal_alpha: weight of foreground targets in the focal losses (background gets ``1 - alpha``).
+        ignore_threshold: for the focal losses, priors that are not positive but whose best IoU is
+            ``>= ignore_threshold`` are ambiguous and left out of the classification loss (RetinaNet).
+    """
+
+    def __init__(self, priors_cxcywh: Tensor, threshold: float = 0.5, neg_pos_ratio: float = 3,
+                 alpha: float = 1.0, variances: Sequence[float] = (0.1, 0.2),
+                 classification: str = "hard_negative", focal_gamma: float = 2.0, focal_alpha: float = 0.25,
+                 ignore_threshold: float = 0.4) -> None:
+        super().__init__()
+        if priors_cxcywh.dim() != 2 or priors_cxcywh.shape[1] != 4 or priors_cxcywh.shape[0] == 0:
+            raise LossInputError(f"priors_cxcywh must be a non-empty (P, 4) tensor, got {tuple(priors_cxcywh.shape)}")
+        score_activation_for(classification)  # validates the name
+        if not 0.0 < threshold <= 1.0:
+            raise LossInputError(f"threshold must be in (0, 1], got {threshold!r}")
+        if not 0.0 <= ignore_threshold <= threshold:
+            raise LossInputError(f"ignore_threshold must be in [0, threshold={threshold}], got {ignore_threshold!r}")
+        if neg_pos_ratio < 0:
+            raise LossInputError(f"neg_pos_ratio must be >= 0, got {neg_pos_ratio!r}")
+        if alpha < 0:
+            raise LossInputError(f"alpha must be >= 0, got {alpha!r}")
+        if focal_gamma < 0 or not 0.0 <= focal_alpha <= 1.0:
+            raise LossInputError(f"need focal_gamma >= 0 and focal_alpha in [0, 1], got {focal_gamma!r}, {focal_alpha!r}")
+        if len(variances) != 2 or min(variances) <= 0:
+            raise LossInputError(f"variances must be two positive numbers, got {variances!r}")
+        # Not persistent: priors derive from the config, so they stay out of checkpoints.
+        self.register_buffer("priors_cxcywh", priors_cxcywh.detach().float().clone(), persistent=False)
+        self.threshold = float(threshold)
+        self.neg_pos_ratio = float(neg_pos_ratio)
+        self.alpha = float(alpha)
+        self.variances = (float(variances[0]), float(variances[1]))
+        self.classification = classification
+        self.focal_gamma = float(focal_gamma)
+        self.focal_alpha = float(focal_alpha)
+        self.ignore_threshold = float(ignore_threshold)
+
+    @property
+    def score_activation(self) -> str:
+        """``"softmax"`` or ``"sigmoid"``: how post-processing must read this loss's logits."""
+        return score_activation_for(self.classification)
+
+    def _check_inputs(self, predicted_locs: Tensor, predicted_scores: Tensor, boxes: Sequence[Tensor],
+                      labels: Sequence[Tensor]) -> None:
+        n_priors = self.priors_cxcywh.shape[0]
+        if predicted_locs.dim() != 3 or predicted_locs.shape[1:] != (n_priors, 4):
+            raise LossInputError(f"predicted_locs must be (N, {n_priors}, 4), got {tuple(predicted_locs.shape)}")
+        if predicted_scores.dim() != 3 or predicted_scores.shape[:2] != predicted_locs.shape[:2]:
+            raise LossInputError(
+                f"predicted_scores must be (N, {n_priors}, C) with N={predicted_locs.shape[0]}, "
+                f"got {tuple(predicted_scores.shape)}"
+            )
+        if predicted_scores.shape[2] < 2:
+            raise LossInputError(f"predicted_scores needs >= 2 classes (background + 1), got {predicted_scores.shape[2]}")
+        if len(boxes) != predicted_locs.shape[0]:
+            raise LossInputError(f"got {len(boxes)} box tensors for a batch of {predicted_locs.shape[0]} images")
+
+    def _check_targets(self, gt_boxes: Tensor, gt_labels: Tensor, valid: Tensor, n_classes: int) -> None:
+        # One host sync for all checks; bad targets would otherwise surface later as NaN or a CUDA assert.
+        box_w = gt_boxes[..., 2] - gt_boxes[..., 0]
+        box_h = gt_boxes[..., 3] - gt_boxes[..., 1]
+        bad_box = valid & ~(torch.isfinite(gt_boxes).all(dim=-1) & (box_w > 0) & (box_h > 0))
+        bad_label = valid & ((gt_labels < 1) | (gt_labels >= n_classes))
+        bad = torch.stack([bad_box.any(), bad_label.any()]).tolist()
+        if bad[0]:
+            image, box = (int(v) for v in bad_box.nonzero()[0])
+            raise TargetError(
+                f"boxes[{image}][{box}] = {gt_boxes[image, box].tolist()} is not a finite box with "
+                "x_max > x_min and y_max > y_min"
+            )
+        if bad[1]:
+            image, box = (int(v) for v in bad_label.nonzero()[0])
+            raise TargetError(
+                f"labels[{image}][{box}] = {int(gt_labels[image, box])} is outside 1..{n_classes - 1} "
+                f"(0 is background, the model has {n_classes} classes)"
+            )
+
+    def forward(self, predicted_locs: Tensor, predicted_scores: Tensor, boxes: Sequence[Tensor],
+                labels: Sequence[Tensor]) -> LossOutput:
+        """Compute the loss of a batch.
+
+        Args:
+            predicted_locs: ``(N, P, 4)`` predicted offsets.
+            predicted_scores: ``(N, P, C)`` raw class logits, column 0 = background.
+            boxes: ``N`` tensors ``(n_i, 4)`` of fractional xyxy boxes (``n_i`` may be 0).
+            labels: ``N`` long tensors ``(n_i,)`` in 1..C-1.
+
+        Returns:
+            :class:`LossOutput`; both parts are divided by the batch's number of positives (at least 1),
+            so a batch without positives gives a finite loss with localization 0.
+        """
+        self._check_inputs(predicted_locs, predicted_scores, boxes, labels)
+        # The loss runs in float32 even under autocast: log-softmax and sums over thousands of priors
+        # lose too much in bf16.
+        locs = predicted_locs.float()
+        scores = predicted_scores.float()
+        n_classes = scores.shape[2]
+        priors = self.priors_cxcywh
+
+        gt_boxes, gt_labels, valid = pad_targets(boxes, labels)
+        gt_boxes, gt_labels, valid = gt_boxes.to(locs.device, torch.float32), gt_labels.to(locs.device), valid.to(locs.device)
+        self._check_targets(gt_boxes, gt_labels, valid, n_classes)
+        matches = match_priors(gt_boxes, gt_labels, valid, priors, self.threshold)
+        positive = matches.positive
+        n_pos = positive.sum()
+        normalizer = n_pos.clamp(min=1).float()
+
+        # Negatives are encoded against their own prior (zero offsets) so every target is finite and no
+        # masked-out inf can leak a NaN into the gradient.
+        target_boxes = torch.where(positive[..., None], matches.boxes_xyxy, cxcywh_to_xyxy(priors))
+        target_locs = encode_boxes(target_boxes, priors, self.variances)
+        loc_per_prior = F.smooth_l1_loss(locs, target_locs, beta=1.0, reduction="none").sum(dim=-1)
+        loc_loss = (loc_per_prior * positive).sum() / normalizer
+
+        if self.classification == "hard_negative":
+            conf_loss = self._hard_negative_loss(scores, matches.labels, positive) / normalizer
+        else:
+            ignored = ~positive & (matches.iou >= self.ignore_threshold)
+            if self.classification == "focal_sigmoid":
+                per_prior = self._sigmoid_focal(scores, matches.labels)
+            else:
+                per_prior = self._softmax_focal(scores, matches.labels)
+            conf_loss = (per_prior * ~ignored).sum() / normalizer
+
+        total = conf_loss + self.alpha * loc_loss
+        return LossOutput(total=total, localization=loc_loss, confidence=conf_loss, n_positives=int(n_pos))
+
+    def _hard_negative_loss(self, scores: Tensor, target: Tensor, positive: Tensor) -> Tensor:
+        n_images, n_priors, n_classes = scores.shape
+        ce = F.cross_entropy(scores.reshape(-1, n_classes), target.reshape(-1), reduction="none")
+        ce = ce.reshape(n_images, n_priors)
+        hard_neg = hard_negative_mask(ce, positive, self.neg_pos_ratio)
+        return (ce * (positive | hard_neg)).sum()
+
+    def _sigmoid_focal(self, scores: Tensor, target: Tensor) -> Tensor:
+        # One binary problem per object class; background is the all-zero target, its logit unused.
+        n_classes = scores.shape[2]
+        one_hot = F.one_hot(target, n_classes)[..., 1:].to(scores.dtype)
+        loss = sigmoid_focal_loss(scores[..., 1:], one_hot, alpha=self.focal_alpha, gamma=self.focal_gamma,
+                                  reduction="none")
+        return loss.sum(dim=-1)
+
+    def _softmax_focal(self, scores: Tensor, target: Tensor) -> Tensor:
+        log_p = F.log_softmax(scores, dim=-1).gather(-1, target[..., None]).squeeze(-1)
+        p = log_p.exp()
+        alpha_t = torch.where(target > 0, self.focal_alpha, 1.0 - self.focal_alpha)
+        return -alpha_t * (1.0 - p).pow(self.focal_gamma) * log_p

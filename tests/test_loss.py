@@ -1,0 +1,245 @@
+"""MultiBoxLoss against hand-computed values and a straightforward per-image reference."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_iou
+
+from model.loss import LossInputError, MultiBoxLoss, hard_negative_mask, score_activation_for
+from model.priors import create_prior_boxes
+from utils.boxes import xyxy_to_cxcywh
+from utils.matching import TargetError
+
+LN2, LN3, LN4 = math.log(2), math.log(3), math.log(4)
+# Three priors: top-left quarter, bottom-right quarter, whole image.
+PRIORS = xyxy_to_cxcywh(torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]))
+
+
+def reference_multibox_loss(locs, scores, boxes, labels, priors_cxcywh, *, threshold=0.5, neg_pos_ratio=3,
+                            alpha=1.0, variances=(0.1, 0.2), classification="hard_negative",
+                            focal_gamma=2.0, focal_alpha=0.25, ignore_threshold=0.4):
+    """One image and one box at a time, every formula written out. Returns (total, loc, conf, n_pos)."""
+    priors_xyxy = torch.cat([priors_cxcywh[:, :2] - priors_cxcywh[:, 2:] / 2,
+                             priors_cxcywh[:, :2] + priors_cxcywh[:, 2:] / 2], dim=1)
+    n_priors, n_classes = scores.shape[1], scores.shape[2]
+    loc_sum, conf_sum, n_pos_total = torch.zeros(()), torch.zeros(()), 0
+    for i in range(locs.shape[0]):
+        target = torch.zeros(n_priors, dtype=torch.long)
+        target_boxes = priors_xyxy.clone()
+        best_iou = torch.full((n_priors,), -1.0)
+        positive = torch.zeros(n_priors, dtype=torch.bool)
+        if len(boxes[i]):
+            iou = box_iou(boxes[i], priors_xyxy)
+            best_iou, assigned = iou.max(dim=0)
+            positive = best_iou >= threshold
+            claimed = {}  # prior -> box; the highest IoU wins, the first box on equal IoU
+            for m in range(len(boxes[i])):
+                p = int(iou[m].argmax())
+                if p not in claimed or iou[m, p] > iou[claimed[p], p]:
+                    claimed[p] = m
+            for p, m in claimed.items():
+                assigned[p] = m
+                positive[p] = True
+            target = torch.where(positive, labels[i][assigned], 0)
+            target_boxes[positive] = boxes[i][assigned[positive]]
+        n_pos = int(positive.sum())
+        n_pos_total += n_pos
+
+        pb, pp = target_boxes[positive], priors_cxcywh[positive]
+        centre, size = (pb[:, :2] + pb[:, 2:]) / 2, pb[:, 2:] - pb[:, :2]
+        g = torch.cat([(centre - pp[:, :2]) / (variances[0] * pp[:, 2:]),
+                       torch.log(size / pp[:, 2:]) / variances[1]], dim=1)
+        d = (locs[i][positive] - g).abs()
+        loc_sum = loc_sum + torch.where(d < 1, 0.5 * d**2, d - 0.5).sum()
+
+        log_probs = F.log_softmax(scores[i], dim=-1)
+        keep = positive | (best_iou < ignore_threshold)
+        if classification == "hard_negative":
+            ce = -log_probs[torch.arange(n_priors), target]
+            neg_ce = ce[~positive]
+            k = min(int(neg_pos_ratio * n_pos), neg_ce.numel())
+            conf_sum = conf_sum + ce[positive].sum() + neg_ce.sort(descending=True).values[:k].sum()
+        elif classification == "focal_sigmoid":
+            x = scores[i][:, 1:]
+            t = F.one_hot(target, n_classes)[:, 1:].float()
+            p = torch.sigmoid(x)
+            ce = -(t * F.logsigmoid(x) + (1 - t) * F.logsigmoid(-x))
+            p_t = p * t + (1 - p) * (1 - t)
+            a_t = focal_alpha * t + (1 - focal_alpha) * (1 - t)
+            conf_sum = conf_sum + (a_t * (1 - p_t) ** focal_gamma * ce).sum(dim=1)[keep].sum()
+        else:
+            log_p = log_probs[torch.arange(n_priors), target]
+            a_t = torch.where(target > 0, focal_alpha, 1 - focal_alpha)
+            conf_sum = conf_sum + (-a_t * (1 - log_p.exp()) ** focal_gamma * log_p)[keep].sum()
+    denominator = max(n_pos_total, 1)
+    loc, conf = loc_sum / denominator, conf_sum / denominator
+    return conf + alpha * loc, loc, conf, n_pos_total
+
+
+def random_batch(n_images, max_boxes, n_classes, generator, min_boxes=0, n_priors=441):
+    boxes, labels = [], []
+    for _ in range(n_images):
+        n = int(torch.randint(min_boxes, max_boxes + 1, (), generator=generator))
+        xy = torch.rand(n, 2, generator=generator) * 0.8
+        wh = torch.rand(n, 2, generator=generator) * 0.6 + 0.02
+        boxes.append(torch.cat([xy, (xy + wh).clamp(max=1.0)], dim=1))
+        labels.append(torch.randint(1, n_classes, (n,), generator=generator))
+    locs = torch.randn(n_images, n_priors, 4, generator=generator)
+    scores = torch.randn(n_images, n_priors, n_classes, generator=generator) * 2
+    return locs, scores, boxes, labels
+
+
+def one_box_case():
+    """Box = prior 0 exactly: prior 0 positive (target offsets 0), priors 1 and 2 negative (IoU 0, 0.25)."""
+    boxes, labels = [torch.tensor([[0.0, 0.0, 0.5, 0.5]])], [torch.tensor([1])]
+    # logits (background, class 1): prior 0 (0, 0), prior 1 (0, ln 3), prior 2 (0, 0)
+    scores = torch.tensor([[[0.0, 0.0], [0.0, LN3], [0.0, 0.0]]])
+    return boxes, labels, scores
+
+
+@pytest.mark.parametrize("classification", ["hard_negative", "focal_sigmoid", "focal_softmax"])
+def test_equals_reference_on_random_batches(classification):
+    g = torch.Generator().manual_seed(0)
+    priors = create_prior_boxes()
+    loss_fn = MultiBoxLoss(priors, classification=classification)
+    for _ in range(4):
+        locs, scores, boxes, labels = random_batch(6, 10, 21, g)
+        out = loss_fn(locs, scores, boxes, labels)
+        total, loc, conf, n_pos = reference_multibox_loss(locs, scores, boxes, labels, priors,
+                                                          classification=classification)
+        assert out.n_positives == n_pos
+        assert torch.allclose(out.localization, loc, rtol=1e-5, atol=1e-5), (out.localization, loc)
+        assert torch.allclose(out.confidence, conf, rtol=1e-5, atol=1e-5), (out.confidence, conf)
+        assert torch.allclose(out.total, total, rtol=1e-5, atol=1e-5)
+
+
+def test_smooth_l1_hand_computed():
+    boxes, labels, scores = one_box_case()
+    locs = torch.zeros(1, 3, 4)
+    locs[0, 0] = torch.tensor([0.5, -2.0, 0.0, 0.0])  # target is 0: 0.5 * 0.5**2 + (2 - 0.5)
+    locs[0, 1] = 7.0  # negatives carry no localization loss
+    out = MultiBoxLoss(PRIORS, alpha=2.0)(locs, scores, boxes, labels)
+    assert out.n_positives == 1
+    assert math.isclose(out.localization.item(), 1.625, rel_tol=1e-6)
+    assert math.isclose(out.total.item(), out.confidence.item() + 2.0 * 1.625, rel_tol=1e-6)
+
+
+def test_hard_negatives_hand_computed():
+    boxes, labels, scores = one_box_case()
+    locs = torch.zeros(1, 3, 4)
+    # positive CE ln 2; negative CEs: prior 1 ln 4, prior 2 ln 2
+    out = MultiBoxLoss(PRIORS, neg_pos_ratio=1)(locs, scores, boxes, labels)
+    assert math.isclose(out.confidence.item(), LN2 + LN4, rel_tol=1e-6)
+    # 3 negatives wanted, only 2 exist
+    out = MultiBoxLoss(PRIORS, neg_pos_ratio=3)(locs, scores, boxes, labels)
+    assert math.isclose(out.confidence.item(), LN2 + LN4 + LN2, rel_tol=1e-6)
+
+
+def test_hard_negative_count_is_three_to_one_and_capped():
+    g = torch.Generator().manual_seed(3)
+    neg_loss = torch.rand(3, 441, generator=g)
+    positive = torch.zeros(3, 441, dtype=torch.bool)
+    positive[0, :2] = True  # 2 positives -> 6 negatives
+    positive[2, 100:300] = True  # 200 positives -> 600 wanted, 241 available
+    mask = hard_negative_mask(neg_loss, positive, 3)
+    assert mask.sum(dim=1).tolist() == [6, 0, 241]
+    assert not (mask & positive).any()
+    # the chosen negatives are the hardest ones
+    negatives = ~positive[0]
+    assert neg_loss[0][mask[0]].min() > neg_loss[0][negatives & ~mask[0]].max()
+
+
+def test_focal_sigmoid_hand_computed():
+    boxes, labels, scores = one_box_case()
+    locs = torch.zeros(1, 3, 4)
+    pos = 0.25 * 0.5**2 * LN2  # t = 1, p = 0.5
+    neg1 = 0.75 * 0.75**2 * LN4  # t = 0, p = sigmoid(ln 3) = 0.75
+    neg2 = 0.75 * 0.5**2 * LN2  # t = 0, p = 0.5
+    out = MultiBoxLoss(PRIORS, classification="focal_sigmoid")(locs, scores, boxes, labels)
+    assert math.isclose(out.confidence.item(), pos + neg1 + neg2, rel_tol=1e-5)
+    # prior 2 has IoU 0.25 with the box: ignored from ignore_threshold 0.2
+    out = MultiBoxLoss(PRIORS, classification="focal_sigmoid", ignore_threshold=0.2)(locs, scores, boxes, labels)
+    assert math.isclose(out.confidence.item(), pos + neg1, rel_tol=1e-5)
+
+
+def test_focal_softmax_hand_computed():
+    boxes, labels, scores = one_box_case()
+    locs = torch.zeros(1, 3, 4)
+    pos = 0.25 * 0.5**2 * LN2  # p(class 1) = 0.5
+    neg1 = 0.75 * 0.75**2 * LN4  # p(background) = 1 / (1 + 3)
+    neg2 = 0.75 * 0.5**2 * LN2
+    out = MultiBoxLoss(PRIORS, classification="focal_softmax")(locs, scores, boxes, labels)
+    assert math.isclose(out.confidence.item(), pos + neg1 + neg2, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("classification", ["hard_negative", "focal_sigmoid", "focal_softmax"])
+def test_no_positives_is_finite(classification):
+    priors = create_prior_boxes()
+    locs = torch.randn(2, 441, 4, requires_grad=True)
+    scores = torch.randn(2, 441, 21, requires_grad=True)
+    empty = [torch.zeros(0, 4)] * 2, [torch.zeros(0, dtype=torch.long)] * 2
+    out = MultiBoxLoss(priors, classification=classification)(locs, scores, *empty)
+    assert out.n_positives == 0
+    assert out.localization.item() == 0.0
+    assert torch.isfinite(out.total)
+    if classification == "hard_negative":
+        assert out.confidence.item() == 0.0
+    out.total.backward()
+    assert torch.isfinite(locs.grad).all() and torch.isfinite(scores.grad).all()
+
+
+@pytest.mark.parametrize("classification", ["hard_negative", "focal_sigmoid", "focal_softmax"])
+def test_gradients_finite_with_empty_images(classification):
+    g = torch.Generator().manual_seed(1)
+    locs, scores, boxes, labels = random_batch(4, 10, 21, g)
+    boxes[1], labels[1] = torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
+    locs.requires_grad_(True)
+    scores.requires_grad_(True)
+    out = MultiBoxLoss(create_prior_boxes(), classification=classification)(locs, scores, boxes, labels)
+    out.total.backward()
+    assert out.n_positives > 0
+    assert torch.isfinite(locs.grad).all() and torch.isfinite(scores.grad).all()
+    assert locs.grad.abs().sum() > 0 and scores.grad.abs().sum() > 0
+    if classification == "hard_negative":
+        # the empty image has no positives, so none of its priors are mined as negatives
+        assert scores.grad[1].abs().sum() == 0
+
+
+def test_bf16_inputs_give_float32_loss():
+    g = torch.Generator().manual_seed(2)
+    locs, scores, boxes, labels = random_batch(2, 5, 21, g, min_boxes=1)
+    out = MultiBoxLoss(create_prior_boxes())(locs.bfloat16(), scores.bfloat16(), boxes, labels)
+    assert out.total.dtype == torch.float32 and torch.isfinite(out.total)
+
+
+def test_bad_targets_name_the_entry():
+    loss_fn = MultiBoxLoss(PRIORS)
+    locs, scores = torch.zeros(2, 3, 4), torch.zeros(2, 3, 5)
+    good = torch.tensor([[0.0, 0.0, 0.5, 0.5]])
+    with pytest.raises(TargetError, match=r"labels\[1\]\[0\] = 5 is outside 1..4"):
+        loss_fn(locs, scores, [good, good], [torch.tensor([1]), torch.tensor([5])])
+    with pytest.raises(TargetError, match=r"labels\[0\]\[0\] = 0"):
+        loss_fn(locs, scores, [good, good], [torch.tensor([0]), torch.tensor([1])])
+    flat = torch.tensor([[0.2, 0.2, 0.2, 0.5]])
+    with pytest.raises(TargetError, match=r"boxes\[1\]\[0\]"):
+        loss_fn(locs, scores, [good, flat], [torch.tensor([1]), torch.tensor([1])])
+
+
+def test_bad_shapes_and_options():
+    loss_fn = MultiBoxLoss(PRIORS)
+    with pytest.raises(LossInputError, match="predicted_locs"):
+        loss_fn(torch.zeros(1, 4, 4), torch.zeros(1, 4, 3), [torch.zeros(0, 4)], [torch.zeros(0)])
+    with pytest.raises(LossInputError, match="1 box tensors for a batch of 2"):
+        loss_fn(torch.zeros(2, 3, 4), torch.zeros(2, 3, 3), [torch.zeros(0, 4)], [torch.zeros(0)])
+    with pytest.raises(LossInputError, match="classification"):
+        MultiBoxLoss(PRIORS, classification="focal")
+    with pytest.raises(LossInputError, match="ignore_threshold"):
+        MultiBoxLoss(PRIORS, ignore_threshold=0.6)
+
+
+def test_score_activation():
+    assert score_activation_for("focal_sigmoid") == "sigmoid"
+    assert MultiBoxLoss(PRIORS, classification="focal_softmax").score_activation == "softmax"
+    assert MultiBoxLoss(PRIORS).score_activation == "softmax"
