@@ -1,0 +1,125 @@
+"""Post-processing against hand-computed cases and a naive per-class NMS loop."""
+
+import math
+
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from model.priors import create_prior_boxes
+from utils.boxes import cxcywh_to_xyxy, decode_boxes
+from utils.postprocess import PostprocessError, detect_objects
+
+
+def naive_detect_objects(locs, scores, priors_cxcywh, *, min_score=0.01, max_overlap=0.45, top_k=200,
+                         variances=(0.1, 0.2), activation="softmax"):
+    """Per image, per class, greedy NMS one box at a time. Returns a list of (boxes, labels, scores)."""
+    results = []
+    for i in range(locs.shape[0]):
+        if activation == "softmax":
+            probs = scores[i].float().softmax(dim=-1)
+        else:
+            probs = torch.cat([torch.zeros_like(scores[i][:, :1]), scores[i][:, 1:].float().sigmoid()], 1)
+        boxes = decode_boxes(locs[i].float(), priors_cxcywh, variances).clamp(0, 1)
+        kept_boxes, kept_labels, kept_scores = [], [], []
+        for c in range(1, scores.shape[2]):
+            above = probs[:, c] > min_score
+            if not above.any():
+                continue
+            class_scores, order = probs[above, c].sort(descending=True)
+            class_boxes = boxes[above][order]
+            overlap = box_iou(class_boxes, class_boxes)
+            suppress = torch.zeros(len(class_boxes), dtype=torch.bool)
+            for b in range(len(class_boxes)):
+                if suppress[b]:
+                    continue
+                suppress |= overlap[b] > max_overlap
+                suppress[b] = False
+            kept_boxes.append(class_boxes[~suppress])
+            kept_labels.append(torch.full((int((~suppress).sum()),), c, dtype=torch.long))
+            kept_scores.append(class_scores[~suppress])
+        if not kept_boxes:
+            results.append((torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0)))
+            continue
+        image_scores, order = torch.cat(kept_scores).sort(descending=True)
+        order = order[:top_k]
+        results.append((torch.cat(kept_boxes)[order], torch.cat(kept_labels)[order], image_scores[:top_k]))
+    return results
+
+
+def hand_case():
+    # Priors 0 and 1 nearly coincide (IoU 0.9), prior 2 is elsewhere; zero offsets decode to the priors.
+    priors = torch.tensor([[0.3, 0.3, 0.4, 0.4], [0.32, 0.3, 0.4, 0.4], [0.8, 0.8, 0.2, 0.2]])
+    logits = torch.tensor([[0.0, 3.0, 0.0], [0.0, 2.0, 0.0], [0.0, -5.0, 2.0]])
+    background = torch.tensor([[10.0, 0.0, 0.0]]).expand(3, 3)
+    scores = torch.stack([logits, logits, background])
+    return torch.zeros(3, 3, 4), scores, priors
+
+
+def test_hand_computed_nms():
+    locs, scores, priors = hand_case()
+    dets = detect_objects(locs, scores, priors, min_score=0.2)
+    assert len(dets) == 3
+    p1 = math.exp(3) / (math.exp(3) + 2)  # prior 0, class 1; prior 1 (class 1, 0.79) is suppressed
+    p2 = math.exp(2) / (1 + math.exp(-5) + math.exp(2))  # prior 2, class 2
+    for det in dets[:2]:  # images never suppress each other
+        assert det.labels.tolist() == [1, 2]
+        assert torch.allclose(det.scores, torch.tensor([p1, p2]), atol=1e-6)
+        assert torch.allclose(det.boxes, cxcywh_to_xyxy(priors[[0, 2]]), atol=1e-6)
+    # only background: empty tensors, not a fake background box
+    assert dets[2].boxes.shape == (0, 4) and dets[2].labels.shape == (0,) and dets[2].scores.shape == (0,)
+    assert dets[2].labels.dtype == torch.long
+
+
+def test_other_classes_do_not_suppress():
+    locs, scores, priors = hand_case()
+    # at min_score 0.1 prior 1's class 2 score (1 / (e^2 + 2) = 0.106) passes; it overlaps prior 0's
+    # class 1 box but belongs to another class, so it stays
+    dets = detect_objects(locs, scores, priors, min_score=0.1)
+    assert dets[0].labels.tolist() == [1, 2, 2]
+    assert math.isclose(dets[0].scores[2].item(), 1 / (math.exp(2) + 2), rel_tol=1e-5)
+
+
+def test_nothing_above_threshold_gives_empty_batch():
+    locs, scores, priors = hand_case()
+    dets = detect_objects(locs, scores, priors, min_score=0.99)
+    assert [d.boxes.shape[0] for d in dets] == [0, 0, 0]
+
+
+def test_boxes_clipped_to_unit_square():
+    priors = torch.tensor([[0.05, 0.95, 0.2, 0.2]])
+    locs = torch.tensor([[[0.0, 0.0, 5.0, 5.0]]])  # 0.2 * e^1 = 0.54 wide, past the image corner
+    dets = detect_objects(locs, torch.tensor([[[0.0, 5.0]]]), priors)
+    box = dets[0].boxes[0]
+    assert box.min() >= 0 and box.max() <= 1
+    assert box[0] == 0 and box[3] == 1
+
+
+@pytest.mark.parametrize(("activation", "top_k"), [("softmax", 200), ("softmax", 7), ("sigmoid", 50)])
+def test_equals_naive_nms_on_random_boxes(activation, top_k):
+    g = torch.Generator().manual_seed(0)
+    priors = create_prior_boxes()
+    locs = torch.randn(3, 441, 4, generator=g) * 0.5
+    scores = torch.randn(3, 441, 5, generator=g) * 2
+    scores[1, :, 0], scores[1, :, 1:] = 20.0, -20.0  # one image with nothing above min_score
+    dets = detect_objects(locs, scores, priors, min_score=0.05, max_overlap=0.45, top_k=top_k,
+                          activation=activation)
+    expected = naive_detect_objects(locs, scores, priors, min_score=0.05, max_overlap=0.45, top_k=top_k,
+                                    activation=activation)
+    assert dets[1].boxes.shape[0] == 0
+    for det, (boxes, labels, scores_) in zip(dets, expected, strict=True):
+        assert det.labels.tolist() == labels.tolist()
+        assert torch.allclose(det.scores, scores_, atol=1e-6)
+        assert torch.allclose(det.boxes, boxes, atol=1e-6)
+    assert max(d.boxes.shape[0] for d in dets) <= top_k
+    assert dets[0].boxes.shape[0] > 0
+
+
+def test_bad_inputs():
+    locs, scores, priors = hand_case()
+    with pytest.raises(PostprocessError, match="priors_cxcywh"):
+        detect_objects(locs, scores, priors[:2])
+    with pytest.raises(PostprocessError, match="activation"):
+        detect_objects(locs, scores, priors, activation="relu")
+    with pytest.raises(PostprocessError, match="top_k"):
+        detect_objects(locs, scores, priors, top_k=0)
