@@ -1,0 +1,207 @@
+"""Torch dataset over ImageRecords, the batch collate function and a seeded DataLoader builder."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from data.errors import ImageReadError
+from data.records import ImageRecord
+from data.transforms import seed_transform
+
+logger = logging.getLogger(__name__)
+
+Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to (H, W, 3) uint8 RGB with OpenCV; ImageReadError naming the file if that fails."""
+    path = Path(path)
+    # IMREAD_COLOR also turns grey or RGBA files into 3 channels.
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:  # OpenCV reports neither a missing nor a corrupt file by exception
+        if not path.is_file():
+            raise ImageReadError(f"{path}: image file not found")
+        raise ImageReadError(f"{path}: cannot decode image (corrupt or unsupported format)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class DetectionDataset(Dataset):
+    """Images and boxes of `records`, passed through an albumentations `transform`.
+
+    `__getitem__(i)` returns `(image (3, S, S) float32, boxes (n, 4) float32 fractional xyxy in [0, 1] with
+    positive area, labels (n,) int64 in 1..C-1, difficult (n,) bool)`. The transform receives `image`
+    (H, W, 3) uint8 RGB, `bboxes` (fractional xyxy), `labels` and `difficult` (see data/transforms.py).
+    Images without boxes are returned with empty (0, 4) / (0,) tensors.
+
+    Args:
+        records: the ImageRecords (boxes in 0-based continuous pixels).
+        transform: an albumentations Compose with bbox_params format "albumentations" and label fields
+            "labels" and "difficult" (build_train_transform / build_eval_transform).
+        use_difficult: keep difficult boxes (False removes them before the transform: training without them).
+        cache_images: keep decoded images (uint8) in memory after the first read; for small datasets.
+            Each DataLoader worker process holds its own cache unless `preload()` ran before the workers
+            were started (they then share the parent's pages).
+        check_size: raise ImageReadError when a decoded image's size differs from the annotated one
+            (the boxes would be wrong).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        transform: Callable[..., dict[str, Any]],
+        use_difficult: bool = True,
+        *,
+        cache_images: bool = False,
+        check_size: bool = True,
+    ) -> None:
+        self.records = list(records)
+        self.transform = transform
+        self.use_difficult = use_difficult
+        self.cache_images = cache_images
+        self.check_size = check_size
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def preload(self) -> None:
+        """Decode every image into the in-memory cache now (needs cache_images=True)."""
+        if not self.cache_images:
+            raise ValueError("preload() needs DetectionDataset(cache_images=True)")
+        for i in range(len(self.records)):
+            self.image(i)
+
+    def image(self, index: int) -> np.ndarray:
+        """The decoded (H, W, 3) uint8 RGB image of record `index` (from the cache when enabled)."""
+        cached = self._cache.get(index)
+        if cached is not None:
+            return cached
+        record = self.records[index]
+        image = load_image(record.image_path)
+        if self.check_size and image.shape[:2] != (record.height, record.width):
+            raise ImageReadError(
+                f"{record.image_path}: decoded size {image.shape[1]}x{image.shape[0]} differs from the "
+                f"annotated size {record.width}x{record.height} (image {record.image_id!r})"
+            )
+        if self.cache_images:
+            image.setflags(write=False)  # transforms must not modify the cached pixels in place
+            self._cache[index] = image
+        return image
+
+    def __getitem__(self, index: int) -> Sample:
+        record = self.records[index]
+        image = self.image(index)
+        keep = slice(None) if self.use_difficult else ~record.difficult
+        scale = np.array([record.width, record.height, record.width, record.height], dtype=np.float32)
+        boxes = np.clip(record.boxes[keep] / scale, 0.0, 1.0)
+        out = self.transform(
+            image=image, bboxes=boxes, labels=record.labels[keep], difficult=record.difficult[keep]
+        )
+        out_boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+        labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
+        difficult = np.asarray(out["difficult"], dtype=bool).reshape(-1)
+        if len(out_boxes):
+            # float32 rounding can turn a sliver into zero width: such boxes are unusable targets.
+            np.clip(out_boxes, 0.0, 1.0, out=out_boxes)
+            valid = (out_boxes[:, 2] > out_boxes[:, 0]) & (out_boxes[:, 3] > out_boxes[:, 1])
+            if not valid.all():
+                out_boxes, labels, difficult = out_boxes[valid], labels[valid], difficult[valid]
+        image_t = out["image"]
+        if not isinstance(image_t, torch.Tensor):
+            raise TypeError(
+                f"the transform must end with ToTensorV2 (got {type(image_t).__name__} for image "
+                f"{record.image_id!r})"
+            )
+        return (
+            image_t.float(),
+            torch.from_numpy(out_boxes),
+            torch.from_numpy(labels),
+            torch.from_numpy(difficult),
+        )
+
+
+def collate_detections(batch: Sequence[Sample]) -> Batch:
+    """Stack images to (N, 3, S, S); keep per-image boxes (n_i, 4), labels (n_i,), difficult (n_i,) as lists."""
+    if not batch:
+        raise ValueError("collate_detections got an empty batch")
+    images = torch.stack([sample[0] for sample in batch])
+    return (
+        images,
+        [sample[1] for sample in batch],
+        [sample[2] for sample in batch],
+        [sample[3] for sample in batch],
+    )
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Seed numpy, random and the dataset's albumentations pipeline in a DataLoader worker.
+
+    torch gives each worker the seed `base_seed + worker_id`, where base_seed comes from the loader's
+    generator, so the augmentation of a seeded loader is reproducible run to run and differs per worker
+    (and per epoch unless workers are persistent).
+    """
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    dataset = info.dataset if info is not None else None
+    # Reach through wrappers (e.g. a Subset or a seeding wrapper) to the transform's owner.
+    while dataset is not None and not hasattr(dataset, "transform") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    if dataset is not None:
+        seed_transform(getattr(dataset, "transform", None), seed)
+
+
+def build_dataloader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int,
+    pin_memory: bool,
+    persistent_workers: bool,
+    sampler: Sampler | None = None,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader with `collate_detections`, a generator seeded by `seed` and `worker_init_fn`.
+
+    With num_workers == 0 the dataset's transform is seeded from `seed` here, so single-process loading
+    is reproducible too. `persistent_workers` is ignored (with a debug message) without workers;
+    `shuffle` and `sampler` are mutually exclusive.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
+    if sampler is not None and shuffle:
+        raise ValueError("build_dataloader: pass either shuffle=True or a sampler, not both")
+    if persistent_workers and num_workers == 0:
+        logger.debug("persistent_workers needs num_workers > 0; ignored")
+        persistent_workers = False
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    if num_workers == 0:
+        seed_transform(getattr(dataset, "transform", None), seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_detections,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=persistent_workers,
+        worker_init_fn=worker_init_fn,
+        generator=generator,
+    )

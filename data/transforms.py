@@ -1,0 +1,278 @@
+"""Albumentations pipelines: the SSD training augmentation and the evaluation resize.
+
+Both pipelines take `image` (H, W, 3) uint8 RGB, `bboxes` (n, 4) fractional xyxy in [0, 1]
+(albumentations format), `labels` (n,) and `difficult` (n,), and return `image` as a (3, S, S) float32
+tensor normalized with ImageNet mean/std plus the surviving `bboxes` (fractional xyxy), `labels` and
+`difficult`.
+
+Training (SSD recipe): zoom-out (`Expand`, a canvas up to 4x filled with the mean colour),
+IoU-constrained random crop (`IoURandomCrop`), resize to S x S, horizontal flip, photometric distortion,
+normalization. Flip and photometric distortion run after the resize: they commute with it (a flip
+exactly, the per-pixel colour changes up to interpolation rounding), and on the S x S image they cost a
+fraction of what they cost on a large photograph or a 4x canvas.
+
+Randomness: every random draw comes from the Compose's `random_generator` / `py_random`. Use
+`seed_transform(transform, seed)` to make a pipeline reproducible (one shared stream for all steps).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+from albumentations.pytorch import ToTensorV2
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# The canvas of a zoom-out is filled with the mean colour, so after normalization it is ~zero.
+MEAN_PIXEL: tuple[int, int, int] = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)  # type: ignore[assignment]
+# SSD's crop options: None keeps the whole image, 0.0 is an unconstrained patch, the rest are the
+# minimum IoU that the patch must have with at least one box.
+SSD_MIN_IOUS: tuple[float | None, ...] = (None, 0.0, 0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+class Expand(A.DualTransform):
+    """Zoom out: put the image at a random place on a canvas `ratio` times its size, ratio ~ U[1, max_ratio].
+
+    The canvas is filled with `fill` (the mean colour). Boxes keep their pixels, so in fractional
+    coordinates they shrink by 1 / ratio. Targets: image, bboxes.
+    """
+
+    _targets = (A.core.type_definitions.Targets.IMAGE, A.core.type_definitions.Targets.BBOXES)
+
+    def __init__(self, max_ratio: float = 4.0, fill: Sequence[int] = MEAN_PIXEL, p: float = 0.5) -> None:
+        super().__init__(p=p)
+        if not max_ratio >= 1.0:
+            raise ValueError(f"Expand max_ratio must be >= 1, got {max_ratio!r}")
+        if len(fill) != 3:
+            raise ValueError(f"Expand fill must be 3 channel values, got {fill!r}")
+        self.max_ratio = float(max_ratio)
+        self.fill = tuple(int(v) for v in fill)
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        ratio = self.py_random.uniform(1.0, self.max_ratio)
+        canvas_h, canvas_w = int(height * ratio), int(width * ratio)
+        top = self.py_random.randint(0, canvas_h - height)
+        left = self.py_random.randint(0, canvas_w - width)
+        return {"top": top, "left": left, "canvas_h": canvas_h, "canvas_w": canvas_w}
+
+    def apply(self, img: np.ndarray, top: int, left: int, canvas_h: int, canvas_w: int, **params: Any) -> np.ndarray:
+        height, width = img.shape[:2]
+        # copyMakeBorder writes the canvas in one C pass: much cheaper than np.full + a copy.
+        return cv2.copyMakeBorder(
+            img, top, canvas_h - height - top, left, canvas_w - width - left, cv2.BORDER_CONSTANT, value=self.fill
+        )
+
+    def apply_to_bboxes(
+        self, bboxes: np.ndarray, top: int, left: int, canvas_h: int, canvas_w: int, **params: Any
+    ) -> np.ndarray:
+        height, width = params["shape"][:2]
+        out = bboxes.copy()
+        out[:, [0, 2]] = (bboxes[:, [0, 2]] * width + left) / canvas_w
+        out[:, [1, 3]] = (bboxes[:, [1, 3]] * height + top) / canvas_h
+        return out
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("max_ratio", "fill")
+
+
+class IoURandomCrop(A.DualTransform):
+    """SSD's random crop: pick an option from `min_ious`; None keeps the whole image, a number m asks for a
+    patch whose IoU with at least one box is >= m (0.0: any patch).
+
+    A patch has sides U[min_scale, 1] times the image's and aspect ratio (h/w) within
+    [1/max_aspect, max_aspect]; up to `max_trials` patches are drawn at once and the first one that meets
+    the IoU constraint and contains the centre of at least one box is taken (none: the image is kept).
+    Boxes whose centre lies inside the patch are kept and clipped to it; the others are removed (their
+    labels go with them). An image without boxes gets an unconstrained patch. Targets: image, bboxes.
+    """
+
+    _targets = (A.core.type_definitions.Targets.IMAGE, A.core.type_definitions.Targets.BBOXES)
+
+    def __init__(
+        self,
+        min_ious: Sequence[float | None] = SSD_MIN_IOUS,
+        min_scale: float = 0.3,
+        max_aspect: float = 2.0,
+        max_trials: int = 50,
+        p: float = 1.0,
+    ) -> None:
+        super().__init__(p=p)
+        if not min_ious:
+            raise ValueError("IoURandomCrop min_ious must not be empty")
+        for m in min_ious:
+            if m is not None and not 0.0 <= m <= 1.0:
+                raise ValueError(f"IoURandomCrop min_ious must be None or in [0, 1], got {m!r}")
+        if not 0.0 < min_scale <= 1.0:
+            raise ValueError(f"IoURandomCrop min_scale must be in (0, 1], got {min_scale!r}")
+        if not max_aspect >= 1.0:
+            raise ValueError(f"IoURandomCrop max_aspect must be >= 1, got {max_aspect!r}")
+        if max_trials < 1:
+            raise ValueError(f"IoURandomCrop max_trials must be >= 1, got {max_trials!r}")
+        self.min_ious = tuple(min_ious)
+        self.min_scale = float(min_scale)
+        self.max_aspect = float(max_aspect)
+        self.max_trials = int(max_trials)
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        whole = {"crop": (0, 0, width, height)}
+        min_iou = self.min_ious[self.py_random.randrange(len(self.min_ious))]
+        if min_iou is None:
+            return whole
+        boxes = np.asarray(data.get("bboxes", np.zeros((0, 4))), dtype=np.float64)[:, :4]
+        boxes = boxes * np.array([width, height, width, height])
+        rng = self.random_generator
+        t = self.max_trials
+        w = rng.uniform(self.min_scale, 1.0, t) * width
+        h = rng.uniform(self.min_scale, 1.0, t) * height
+        x0 = rng.uniform(0.0, 1.0, t) * (width - w)
+        y0 = rng.uniform(0.0, 1.0, t) * (height - h)
+        # Integer patches so the image crop and the box arithmetic use the same rectangle.
+        x0, y0 = np.floor(x0), np.floor(y0)
+        x1 = np.minimum(x0 + np.maximum(np.round(w), 1), width)
+        y1 = np.minimum(y0 + np.maximum(np.round(h), 1), height)
+        pw, ph = x1 - x0, y1 - y0
+        ok = (ph / pw >= 1.0 / self.max_aspect) & (ph / pw <= self.max_aspect)
+        if len(boxes):
+            patches = np.stack([x0, y0, x1, y1], axis=1)  # (T, 4)
+            iou = _iou(patches, boxes)  # (T, n)
+            cx = 0.5 * (boxes[:, 0] + boxes[:, 2])
+            cy = 0.5 * (boxes[:, 1] + boxes[:, 3])
+            centre_in = (
+                (cx[None] > x0[:, None]) & (cx[None] < x1[:, None])
+                & (cy[None] > y0[:, None]) & (cy[None] < y1[:, None])
+            )  # fmt: skip
+            ok &= (iou.max(axis=1) >= min_iou) & centre_in.any(axis=1)
+        hits = np.flatnonzero(ok)
+        if len(hits) == 0:
+            return whole
+        k = hits[0]
+        return {"crop": (int(x0[k]), int(y0[k]), int(x1[k]), int(y1[k]))}
+
+    def apply(self, img: np.ndarray, crop: tuple[int, int, int, int], **params: Any) -> np.ndarray:
+        x0, y0, x1, y1 = crop
+        return img[y0:y1, x0:x1]
+
+    def apply_to_bboxes(self, bboxes: np.ndarray, crop: tuple[int, int, int, int], **params: Any) -> np.ndarray:
+        height, width = params["shape"][:2]
+        x0, y0, x1, y1 = crop
+        if (x0, y0, x1, y1) == (0, 0, width, height) or len(bboxes) == 0:
+            return bboxes
+        scale = np.array([width, height, width, height], dtype=np.float64)
+        px = bboxes[:, :4] * scale
+        cx = 0.5 * (px[:, 0] + px[:, 2])
+        cy = 0.5 * (px[:, 1] + px[:, 3])
+        keep = (cx > x0) & (cx < x1) & (cy > y0) & (cy < y1)
+        out = bboxes[keep].copy()
+        px = px[keep] - np.array([x0, y0, x0, y0], dtype=np.float64)
+        pw, ph = x1 - x0, y1 - y0
+        np.clip(px[:, 0::2], 0, pw, out=px[:, 0::2])
+        np.clip(px[:, 1::2], 0, ph, out=px[:, 1::2])
+        out[:, :4] = px / np.array([pw, ph, pw, ph], dtype=np.float64)
+        return out
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("min_ious", "min_scale", "max_aspect", "max_trials")
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every pair: a (T, 4), b (n, 4) xyxy -> (T, n)."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
+    return inter / np.maximum(area_a[:, None] + area_b[None] - inter, 1e-12)
+
+
+def _bbox_params() -> A.BboxParams:
+    # Fractional xyxy in and out. Every step here keeps boxes inside [0, 1], so albumentations' filter
+    # (clip + drop boxes without area) runs once at the end instead of after each step, where it cost
+    # more than the image work on small images.
+    return A.BboxParams(
+        format="albumentations", label_fields=["labels", "difficult"], clip=True, check_each_transform=False
+    )
+
+
+def build_train_transform(
+    image_size: int = 224,
+    *,
+    photometric: bool = True,
+    expand_max_ratio: float = 4.0,
+    expand_probability: float = 0.5,
+    random_crop: bool = True,
+    horizontal_flip: bool = True,
+    crop_min_ious: Sequence[float | None] = SSD_MIN_IOUS,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    seed: int | None = None,
+) -> A.Compose:
+    """The SSD training augmentation as one A.Compose (see the module docstring for inputs/outputs).
+
+    Args:
+        image_size: output side S.
+        photometric: brightness/contrast/saturation/hue jitter (SSD's photometric distortion).
+        expand_max_ratio: largest zoom-out canvas side ratio (1.0 disables zoom-out).
+        expand_probability: probability of a zoom-out (0 disables it).
+        random_crop: IoU-constrained random crop with options `crop_min_ious`.
+        horizontal_flip: flip with probability 0.5.
+        mean, std: normalization (also sets the zoom-out fill colour).
+        seed: seed of the pipeline's random stream (None: fresh entropy).
+    """
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size!r}")
+    if not 0.0 <= expand_probability <= 1.0:
+        raise ValueError(f"expand_probability must be in [0, 1], got {expand_probability!r}")
+    steps: list[A.BasicTransform] = []
+    if expand_max_ratio > 1.0 and expand_probability > 0.0:
+        fill = tuple(int(round(255 * m)) for m in mean)
+        steps.append(Expand(max_ratio=expand_max_ratio, fill=fill, p=expand_probability))
+    elif expand_max_ratio < 1.0:
+        raise ValueError(f"expand_max_ratio must be >= 1 (1 disables zoom-out), got {expand_max_ratio!r}")
+    if random_crop:
+        steps.append(IoURandomCrop(min_ious=crop_min_ious))
+    steps.append(A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR))
+    if horizontal_flip:
+        steps.append(A.HorizontalFlip(p=0.5))
+    if photometric:
+        # SSD: brightness +-32/255, contrast and saturation x[0.5, 1.5], hue +-18 degrees.
+        steps.append(A.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05, p=0.5))
+    steps += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
+    transform = A.Compose(steps, bbox_params=_bbox_params())
+    seed_transform(transform, seed)
+    return transform
+
+
+def build_eval_transform(
+    image_size: int = 224,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> A.Compose:
+    """Evaluation: resize to S x S and normalize; boxes are unchanged in fractional coordinates."""
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size!r}")
+    return A.Compose(
+        [
+            A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR),
+            A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
+            ToTensorV2(),
+        ],
+        bbox_params=_bbox_params(),
+    )
+
+
+def seed_transform(transform: Any, seed: int | None) -> None:
+    """Give a Compose one random stream (numpy + python) seeded by `seed`, shared by all its steps.
+
+    albumentations' own `set_random_seed` gives every step its own generator with the *same* seed, which
+    correlates their draws; one shared stream does not. No-op for objects that are not a Compose.
+    """
+    if hasattr(transform, "set_random_state"):
+        transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
