@@ -17,7 +17,10 @@ NAMES = ["cat", "dog", "bird"]
 
 def det(image_id, boxes, labels, scores):
     return ImageDetections(
-        image_id, np.asarray(boxes, float).reshape(-1, 4), np.asarray(labels, np.int64), np.asarray(scores, float)
+        image_id,
+        np.asarray(boxes, float).reshape(-1, 4),
+        np.asarray(labels, np.int64),
+        np.asarray(scores, float),
     )
 
 

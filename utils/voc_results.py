@@ -223,7 +223,8 @@ def read_voc_results(
         strict=True,
     )
     result = [
-        ImageDetections(image_id, b, lab, s) for image_id, (b, lab, s) in zip(image_ids, per_image, strict=True)
+        ImageDetections(image_id, b, lab, s)
+        for image_id, (b, lab, s) in zip(image_ids, per_image, strict=True)
     ]
     logger.info("read %d detections for %d images from %s", image.shape[0], len(image_ids), results_dir)
     return result
