@@ -1,0 +1,95 @@
+"""COCO-format reader on the raccoon photographs (fixture JSON derived from their VOC XML)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from data.coco import load_coco
+from data.errors import AnnotationError, ImageReadError
+from data.voc import load_image_folder
+from tests.data_fixtures import COCO_JSON, RACCOON
+
+
+def test_categories_map_to_contiguous_labels_in_id_order():
+    records, class_names = load_coco(RACCOON / "images", COCO_JSON)
+    assert class_names == ["dog", "raccoon"]  # category ids 5 and 18 -> labels 1 and 2
+    assert all((r.labels == 2).all() for r in records)
+    assert [r.image_id for r in records] == [str(i) for i in range(1, 9)]
+
+
+def test_boxes_equal_the_voc_reader_on_the_same_photographs():
+    records, _ = load_coco(RACCOON / "images", COCO_JSON)
+    voc = {r.image_path.name: r for r in load_image_folder(RACCOON / "images", RACCOON / "annotations",
+                                                           ["raccoon"], cache_dir=None)}
+    for r in records:
+        v = voc[r.image_path.name]
+        assert (r.width, r.height) == (v.width, v.height)
+        if r.image_path.name == "raccoon-143.jpg":
+            assert r.n_boxes == 0  # its annotations were left out of the JSON: the image is kept
+            continue
+        np.testing.assert_array_equal(r.boxes, v.boxes)
+
+
+def test_xywh_to_xyxy_and_iscrowd_is_difficult():
+    records, _ = load_coco(RACCOON / "images", COCO_JSON)
+    r177 = next(r for r in records if r.image_path.name == "raccoon-177.jpg")
+    # JSON bboxes [7, 17, 150, 161] and [145, 12, 118, 134] (x, y, w, h) -> xyxy
+    np.testing.assert_array_equal(r177.boxes, np.array([[7, 17, 157, 178], [145, 12, 263, 146]], np.float32))
+    assert r177.difficult.tolist() == [False, True]
+    s = load_coco(RACCOON / "images", COCO_JSON)[0].stats
+    assert (s.images_read, s.images_kept, s.images_empty, s.boxes_kept, s.boxes_difficult) == (8, 8, 1, 9, 1)
+
+
+def write_json(path, data):
+    path.write_text(json.dumps(data))
+    return path
+
+
+def base(tmp_path):
+    return {
+        "images": [{"id": 7, "file_name": "raccoon-150.jpg", "width": 275, "height": 183}],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "raccoon"}],
+    }
+
+
+def test_degenerate_and_outside_boxes(tmp_path):
+    data = base(tmp_path)
+    data["annotations"] = [
+        {"id": 1, "image_id": 7, "category_id": 1, "bbox": [10, 10, 0, 5], "iscrowd": 0},      # w = 0: dropped
+        {"id": 2, "image_id": 7, "category_id": 1, "bbox": [-4, 100, 50, 100], "iscrowd": 0},  # clipped
+        {"id": 3, "image_id": 7, "category_id": 1, "bbox": [20.5, 30, 10, 10], "iscrowd": 0},
+    ]
+    records, _ = load_coco(RACCOON / "images", write_json(tmp_path / "a.json", data))
+    (record,) = records
+    np.testing.assert_array_equal(record.boxes, np.array([[0, 100, 46, 183], [20.5, 30, 30.5, 40]], np.float32))
+    s = records.stats
+    assert (s.boxes_read, s.boxes_kept, s.boxes_dropped, s.boxes_clipped) == (3, 2, 1, 1)
+    assert "annotation 1 of image 7" in s.problems[0]
+
+
+def test_bad_files_name_the_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(AnnotationError, match=r"bad\.json: malformed JSON"):
+        load_coco(RACCOON / "images", bad)
+    with pytest.raises(AnnotationError, match=r"missing\.json: COCO annotation file not found"):
+        load_coco(RACCOON / "images", tmp_path / "missing.json")
+    data = base(tmp_path)
+    del data["categories"]
+    with pytest.raises(AnnotationError, match="'categories'"):
+        load_coco(RACCOON / "images", write_json(tmp_path / "c.json", data))
+    data = base(tmp_path)
+    data["images"][0]["file_name"] = "gone.jpg"
+    path = write_json(tmp_path / "d.json", data)
+    with pytest.raises(ImageReadError, match=r"d\.json: image 7 file .*gone\.jpg not found"):
+        load_coco(RACCOON / "images", path)
+    records, _ = load_coco(RACCOON / "images", path, on_error="skip")
+    assert len(records) == 0 and records.stats.images_skipped == 1
+    data = base(tmp_path)
+    data["annotations"] = [{"id": 1, "image_id": 7, "category_id": 99, "bbox": [1, 1, 2, 2]}]
+    with pytest.raises(AnnotationError, match="unknown category"):
+        load_coco(RACCOON / "images", write_json(tmp_path / "e.json", data))

@@ -1,0 +1,215 @@
+"""VOC XML readers: VOCdevkit fixture (exact PASCAL layout), labelImg folders, bad inputs."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from data.errors import AnnotationError, DataError, ImageReadError, SplitFileError, UnknownClassError
+from data.voc import VOC_CLASSES, load_image_folder, load_vocdevkit, parse_voc_xml, read_split_file, split_ids
+from tests.data_fixtures import RACCOON, VOCDEVKIT, labelimg_folder, write_jpeg, write_voc_xml
+
+
+def label(name: str) -> int:
+    return VOC_CLASSES.index(name) + 1
+
+
+def by_id(records):
+    return {r.image_id: r for r in records}
+
+
+def test_vocdevkit_boxes_labels_difficult_equal_the_xml():
+    records = load_vocdevkit(VOCDEVKIT, [("VOC2007", "trainval")], cache_dir=None)
+    assert [r.image_id for r in records] == ["000001", "000002", "000003"]
+    r1, r3 = by_id(records)["000001"], by_id(records)["000003"]
+    # XML dog (5, 10, 40, 44) and person (1, 1, 20, 48), 1-based inclusive -> (x-1, y-1, x2, y2)
+    np.testing.assert_array_equal(r1.boxes, np.array([[4, 9, 40, 44], [0, 0, 20, 48]], dtype=np.float32))
+    assert r1.labels.tolist() == [label("dog"), label("person")]
+    assert r1.difficult.tolist() == [False, False]
+    assert (r1.width, r1.height) == (64, 48)
+    assert r1.image_path == VOCDEVKIT / "VOC2007" / "JPEGImages" / "000001.jpg"
+    np.testing.assert_array_equal(r3.boxes, np.array([[1, 29, 47, 63], [9, 4, 30, 28]], dtype=np.float32))
+    assert r3.labels.tolist() == [label("sofa"), label("chair")]
+    assert r3.difficult.tolist() == [True, False]
+    assert (r3.width, r3.height) == (48, 64)
+    assert r1.boxes.dtype == np.float32 and r1.labels.dtype == np.int64 and r1.difficult.dtype == bool
+
+
+def test_one_based_conversion_gives_inclusive_pixel_width(tmp_path):
+    write_jpeg(tmp_path / "JPEGImages" / "a.jpg", 20, 10)
+    xml = write_voc_xml(tmp_path / "Annotations" / "a.xml", "a.jpg", 20, 10, [("dog", (1, 1, 20, 10), 0),
+                                                                               ("dog", (5, 3, 5, 3), 0)])
+    record = parse_voc_xml(xml, ["dog"])
+    # A box covering the whole 20x10 image, written 1..20 x 1..10, is [0, 20] x [0, 10] continuous.
+    np.testing.assert_array_equal(record.boxes, np.array([[0, 0, 20, 10]], dtype=np.float32))
+    assert record.boxes[0, 2] - record.boxes[0, 0] == 20 - 1 + 1
+    # (5, 3, 5, 3) has xmax <= xmin as written: degenerate, dropped.
+    assert record.n_boxes == 1
+
+
+def test_person_parts_are_not_objects():
+    records = by_id(load_vocdevkit(VOCDEVKIT, [("VOC2007", "test")], cache_dir=None))
+    r5 = records["000005"]
+    # person (with head, 2 hands, foot parts) and chair: exactly two objects
+    assert r5.labels.tolist() == [label("person"), label("chair")]
+    np.testing.assert_array_equal(r5.boxes, np.array([[19, 2, 45, 47], [49, 29, 64, 48]], dtype=np.float32))
+    assert r5.difficult.tolist() == [False, True]
+    r12 = by_id(load_vocdevkit(VOCDEVKIT, [("VOC2012", "train")], cache_dir=None))["2008_000003"]
+    assert r12.labels.tolist() == [label("train"), label("person")]  # VOC2012 alphabetical element order
+    np.testing.assert_array_equal(r12.boxes, np.array([[0, 9, 40, 40], [41, 4, 60, 46]], dtype=np.float32))
+
+
+def test_voc07_plus_voc12_trainval():
+    records = load_vocdevkit(VOCDEVKIT, [("VOC2007", "trainval"), ("VOC2012", "trainval")], cache_dir=None)
+    assert [r.image_id for r in records] == [
+        "000001", "000002", "000003", "2008_000002", "2008_000003", "2008_000007",
+    ]
+    s = records.stats
+    assert (s.images_read, s.images_kept, s.boxes_read, s.boxes_kept, s.boxes_difficult) == (6, 6, 9, 9, 2)
+    bus = by_id(records)["2008_000007"]
+    np.testing.assert_array_equal(bus.boxes, np.array([[3, 11, 44, 50]], dtype=np.float32))
+    assert bus.labels.tolist() == [label("bus")] and bus.difficult.tolist() == [True]
+
+
+def test_single_pair_is_accepted():
+    assert len(load_vocdevkit(VOCDEVKIT, ("VOC2007", "val"), cache_dir=None)) == 1
+
+
+def test_custom_class_list_with_ignore_unknown():
+    records = load_vocdevkit(VOCDEVKIT, [("VOC2007", "test")], ["person", "chair"], ignore_unknown=True,
+                             cache_dir=None)
+    r4, r5 = records
+    assert r4.n_boxes == 0  # two cars, not in the list
+    assert r5.labels.tolist() == [1, 2]
+    assert records.stats.boxes_unknown == 2
+    assert records.stats.images_empty == 1
+
+
+def test_unknown_class_is_an_error_naming_file_and_class():
+    with pytest.raises(UnknownClassError, match=r"000001\.xml.*'dog'"):
+        load_vocdevkit(VOCDEVKIT, [("VOC2007", "train")], ["person"], cache_dir=None)
+
+
+def test_class_list_checks():
+    with pytest.raises(DataError, match="background"):
+        load_vocdevkit(VOCDEVKIT, [("VOC2007", "train")], ["background", "dog"], cache_dir=None)
+    with pytest.raises(DataError, match="duplicates"):
+        load_vocdevkit(VOCDEVKIT, [("VOC2007", "train")], ["dog", "dog"], cache_dir=None)
+
+
+def test_class_specific_split_file_reads_first_column():
+    ids = read_split_file(VOCDEVKIT / "VOC2007" / "ImageSets" / "Main" / "person_trainval.txt")
+    assert ids == ["000001", "000002", "000003"]
+
+
+def test_missing_split_file_lists_available_splits():
+    with pytest.raises(SplitFileError, match=r"nosuch\.txt.*trainval"):
+        load_vocdevkit(VOCDEVKIT, [("VOC2007", "nosuch")], cache_dir=None)
+    with pytest.raises(DataError, match="VOC2099"):
+        load_vocdevkit(VOCDEVKIT, [("VOC2099", "train")], cache_dir=None)
+
+
+def test_duplicate_ids_over_sets_are_an_error():
+    with pytest.raises(SplitFileError, match="000001"):
+        load_vocdevkit(VOCDEVKIT, [("VOC2007", "train"), ("VOC2007", "trainval")], cache_dir=None)
+
+
+def raw_xml_boxes(xml_path):
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(xml_path).getroot()
+    return np.array([[float(o.findtext(f"bndbox/{t}")) for t in ("xmin", "ymin", "xmax", "ymax")]
+                     for o in root.findall("object")], dtype=np.float32).reshape(-1, 4)
+
+
+def test_raccoon_photographs_with_split_files():
+    train = load_image_folder(RACCOON / "images", RACCOON / "annotations", ["raccoon"],
+                              split_file=RACCOON / "splits" / "train.txt", cache_dir=None)
+    test = load_image_folder(RACCOON / "images", RACCOON / "annotations", ["raccoon"],
+                             split_file=RACCOON / "splits" / "test.txt", cache_dir=None)
+    assert [r.image_id for r in train] == (RACCOON / "splits" / "train.txt").read_text().split()
+    assert [r.image_id for r in test] == ["raccoon-125", "raccoon-143"]
+    from PIL import Image
+
+    for r in [*train, *test]:
+        expected = raw_xml_boxes(RACCOON / "annotations" / f"{r.image_id}.xml") - np.array([1, 1, 0, 0])
+        np.testing.assert_array_equal(r.boxes, expected)
+        assert (r.labels == 1).all() and not r.difficult.any()
+        with Image.open(r.image_path) as im:
+            assert im.size == (r.width, r.height)
+    assert train.stats.boxes_kept == 8  # raccoon-31 and raccoon-177 have two boxes each
+
+
+def test_seeded_split_without_lists_is_disjoint_and_deterministic():
+    args = (RACCOON / "images", RACCOON / "annotations", ["raccoon"])
+    train = [r.image_id for r in load_image_folder(*args, split="train", val_fraction=0.25, seed=3, cache_dir=None)]
+    val = [r.image_id for r in load_image_folder(*args, split="val", val_fraction=0.25, seed=3, cache_dir=None)]
+    assert len(val) == 2 and len(train) == 6
+    assert not set(train) & set(val)
+    assert sorted(train + val) == sorted(p.stem for p in (RACCOON / "annotations").glob("*.xml"))
+    again = [r.image_id for r in load_image_folder(*args, split="test", test_fraction=0.25, seed=3, cache_dir=None)]
+    assert again == val  # "test" is the held-out part, test_fraction the same setting
+    others = {tuple(split_ids(train + val, "val", 0.25, s)) for s in range(6)}
+    assert len(others) > 1  # the seed matters
+    with pytest.raises(DataError, match="split"):
+        load_image_folder(*args, split="holdout", cache_dir=None)
+
+
+def test_degenerate_and_outside_boxes_are_dropped_or_clipped_and_counted(tmp_path, caplog):
+    images, annotations = labelimg_folder(tmp_path, {
+        "a": (64, 48, [("cat", (10, 10, 10, 30), 0),      # xmax <= xmin: dropped
+                       ("cat", (0, 1, 70, 40), 0),        # reaches outside: clipped to [0, 64]
+                       ("cat", (100, 60, 120, 80), 0),    # entirely outside: dropped
+                       ("cat", (5, 5, 20, 20), 1)]),
+        "b": (32, 32, []),                                # empty: kept
+    })
+    with caplog.at_level(logging.INFO, logger="data.voc"):
+        records = load_image_folder(images, annotations, ["cat"], cache_dir=None)
+    a, b = records
+    np.testing.assert_array_equal(a.boxes, np.array([[0, 0, 64, 40], [4, 4, 20, 20]], dtype=np.float32))
+    assert a.difficult.tolist() == [False, True]
+    assert b.n_boxes == 0 and b.boxes.shape == (0, 4)
+    s = records.stats
+    assert (s.images_read, s.images_kept, s.images_empty) == (2, 2, 1)
+    assert (s.boxes_read, s.boxes_kept, s.boxes_dropped, s.boxes_clipped) == (4, 2, 2, 1)
+    text = caplog.text
+    assert "a.xml: dropped box [10.0, 10.0, 10.0, 30.0]" in text
+    assert "a.xml: clipped box" in text and "b.xml: no boxes" in text
+    assert "boxes read 4, kept 2 (1 difficult), dropped 2, clipped 1" in text
+
+
+def test_malformed_xml_names_the_file(tmp_path):
+    images, annotations = labelimg_folder(tmp_path, {"good": (20, 20, [("cat", (1, 1, 5, 5), 0)])})
+    write_jpeg(images / "bad.jpg", 20, 20)
+    (annotations / "bad.xml").write_text("<annotation><object><name>cat</name>")
+    with pytest.raises(AnnotationError, match=r"bad\.xml: malformed XML"):
+        load_image_folder(images, annotations, ["cat"], cache_dir=None)
+    records = load_image_folder(images, annotations, ["cat"], on_error="skip", cache_dir=None)
+    assert [r.image_id for r in records] == ["good"]
+    assert records.stats.images_skipped == 1 and "bad.xml" in records.stats.problems[0]
+
+
+def test_missing_image_names_the_file(tmp_path):
+    images, annotations = labelimg_folder(tmp_path, {"x": (20, 20, [("cat", (1, 1, 5, 5), 0)])})
+    (images / "x.jpg").unlink()
+    with pytest.raises(ImageReadError, match=r"x\.xml: image not found"):
+        load_image_folder(images, annotations, ["cat"], cache_dir=None)
+
+
+def test_bad_values_name_file_and_field(tmp_path):
+    images, annotations = labelimg_folder(tmp_path, {"x": (20, 20, [("cat", (1, 1, "five", 5), 0)])})
+    with pytest.raises(AnnotationError, match=r"x\.xml: object 0 \(cat\) <bndbox> <xmax> is not a number: 'five'"):
+        load_image_folder(images, annotations, ["cat"], cache_dir=None)
+    write_voc_xml(annotations / "x.xml", "x.jpg", 20, 20, [("cat", (1, 1, 5, 5), "maybe")])
+    with pytest.raises(AnnotationError, match=r"<difficult> must be 0 or 1"):
+        load_image_folder(images, annotations, ["cat"], cache_dir=None)
+
+
+def test_missing_size_is_read_from_the_image(tmp_path):
+    write_jpeg(tmp_path / "images" / "x.jpg", 30, 12)
+    write_voc_xml(tmp_path / "annotations" / "x.xml", "x.jpg", None, None, [("cat", (1, 1, 30, 12), 0)])
+    (record,) = load_image_folder(tmp_path / "images", tmp_path / "annotations", ["cat"], cache_dir=None)
+    assert (record.width, record.height) == (30, 12)
+    assert record.boxes.tolist() == [[0, 0, 30, 12]]
