@@ -1,0 +1,131 @@
+"""DetectionDataset, collate_detections and build_dataloader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from data.dataset import DetectionDataset, build_dataloader, collate_detections, load_image
+from data.errors import ImageReadError
+from data.records import ImageRecord
+from data.transforms import build_eval_transform, build_train_transform
+from data.voc import load_image_folder, load_vocdevkit
+from tests.data_fixtures import RACCOON, VOCDEVKIT, write_jpeg
+
+
+def raccoon_records():
+    return load_image_folder(RACCOON / "images", RACCOON / "annotations", ["raccoon"],
+                             split_file=RACCOON / "splits" / "train.txt", cache_dir=None)
+
+
+def test_eval_item_types_shapes_and_fractional_boxes():
+    records = load_vocdevkit(VOCDEVKIT, [("VOC2007", "trainval")], cache_dir=None)
+    dataset = DetectionDataset(records, build_eval_transform(64), use_difficult=True)
+    assert len(dataset) == 3
+    image, boxes, labels, difficult = dataset[2]  # 000003: 48x64, sofa (difficult) and chair
+    assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+    assert boxes.dtype == torch.float32 and labels.dtype == torch.int64 and difficult.dtype == torch.bool
+    # continuous (1, 29, 47, 63) and (9, 4, 30, 28) in a 48x64 image
+    expected = torch.tensor([[1 / 48, 29 / 64, 47 / 48, 63 / 64], [9 / 48, 4 / 64, 30 / 48, 28 / 64]])
+    torch.testing.assert_close(boxes, expected, rtol=0, atol=1e-6)
+    assert labels.tolist() == [18, 9] and difficult.tolist() == [True, False]
+
+
+def test_use_difficult_false_removes_difficult_boxes():
+    records = load_vocdevkit(VOCDEVKIT, [("VOC2007", "trainval")], cache_dir=None)
+    dataset = DetectionDataset(records, build_eval_transform(64), use_difficult=False)
+    _, boxes, labels, difficult = dataset[2]
+    assert labels.tolist() == [9] and difficult.tolist() == [False] and boxes.shape == (1, 4)
+
+
+def test_image_without_boxes_is_kept(tmp_path):
+    path = write_jpeg(tmp_path / "empty.jpg", 40, 30)
+    record = ImageRecord("empty", path, 40, 30, np.zeros((0, 4)), np.zeros(0), np.zeros(0))
+    dataset = DetectionDataset([record], build_train_transform(32, seed=0))
+    for _ in range(5):
+        image, boxes, labels, difficult = dataset[0]
+        assert image.shape == (3, 32, 32)
+        assert boxes.shape == (0, 4) and labels.shape == (0,) and difficult.shape == (0,)
+
+
+def test_collate_stacks_images_and_keeps_box_lists():
+    dataset = DetectionDataset(raccoon_records(), build_eval_transform(48))
+    batch = collate_detections([dataset[i] for i in range(4)])
+    images, boxes, labels, difficult = batch
+    assert images.shape == (4, 3, 48, 48)
+    assert [b.shape[0] for b in boxes] == [1, 1, 1, 1] and len(labels) == len(difficult) == 4
+    with pytest.raises(ValueError, match="empty batch"):
+        collate_detections([])
+
+
+def test_training_items_have_valid_boxes():
+    dataset = DetectionDataset(raccoon_records(), build_train_transform(96, seed=0), cache_images=True)
+    for _ in range(5):
+        for i in range(len(dataset)):
+            _, boxes, labels, _ = dataset[i]
+            assert len(boxes) == len(labels)
+            if len(boxes):
+                assert boxes.min() >= 0 and boxes.max() <= 1
+                assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+
+
+def test_image_cache_decodes_once(monkeypatch):
+    import data.dataset as ds
+
+    calls = []
+    real = ds.load_image
+    monkeypatch.setattr(ds, "load_image", lambda p: calls.append(p) or real(p))
+    dataset = DetectionDataset(raccoon_records(), build_train_transform(64, seed=0), cache_images=True)
+    dataset.preload()
+    for _ in range(3):
+        dataset[0]
+        dataset[1]
+    assert len(calls) == len(dataset)
+    assert not dataset.image(0).flags.writeable
+    uncached = DetectionDataset(raccoon_records(), build_eval_transform(64))
+    with pytest.raises(ValueError, match="cache_images"):
+        uncached.preload()
+
+
+def test_loader_is_reproducible_with_a_seed():
+    def batches(seed, workers):
+        dataset = DetectionDataset(raccoon_records(), build_train_transform(64))
+        loader = build_dataloader(dataset, batch_size=3, shuffle=True, num_workers=workers, pin_memory=False,
+                                  persistent_workers=True, seed=seed)
+        return list(loader)
+
+    a, b, c = batches(0, 0), batches(0, 0), batches(1, 0)
+    assert len(a) == 2 and a[0][0].shape == (3, 3, 64, 64)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x[0], y[0])
+        assert all(torch.equal(p, q) for p, q in zip(x[1], y[1], strict=True))
+    assert any(not torch.equal(x[0], z[0]) for x, z in zip(a, c, strict=True))
+    w1, w2 = batches(5, 1), batches(5, 1)  # one worker process: seeded through worker_init_fn
+    for x, y in zip(w1, w2, strict=True):
+        assert torch.equal(x[0], y[0])
+
+
+def test_loader_argument_checks():
+    dataset = DetectionDataset(raccoon_records(), build_eval_transform(32))
+    with pytest.raises(ValueError, match="shuffle"):
+        build_dataloader(dataset, 2, True, 0, False, False, sampler=torch.utils.data.SequentialSampler(dataset))
+    with pytest.raises(ValueError, match="batch_size"):
+        build_dataloader(dataset, 0, False, 0, False, False)
+    loader = build_dataloader(dataset, 4, False, 0, False, True, drop_last=True)
+    assert len(loader) == 1 and not loader.persistent_workers
+
+
+def test_missing_corrupt_and_resized_images_name_the_file(tmp_path):
+    with pytest.raises(ImageReadError, match=r"nothere\.jpg: image file not found"):
+        load_image(tmp_path / "nothere.jpg")
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ImageReadError, match=r"corrupt\.jpg: cannot decode image"):
+        load_image(corrupt)
+    path = write_jpeg(tmp_path / "small.jpg", 20, 10)
+    record = ImageRecord("small", path, 40, 10, np.array([[0, 0, 5, 5]]), np.array([1]), np.array([False]))
+    with pytest.raises(ImageReadError, match=r"small\.jpg: decoded size 20x10 differs from the annotated size 40x10"):
+        DetectionDataset([record], build_eval_transform(32))[0]
+    rgb = load_image(write_jpeg(tmp_path / "grey.jpg", 8, 6, value=200))
+    assert rgb.shape == (6, 8, 3) and rgb.dtype == np.uint8
