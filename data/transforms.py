@@ -5,11 +5,14 @@ Both pipelines take `image` (H, W, 3) uint8 RGB, `bboxes` (n, 4) fractional xyxy
 tensor normalized with ImageNet mean/std plus the surviving `bboxes` (fractional xyxy), `labels` and
 `difficult`.
 
-Training (SSD recipe): zoom-out (`Expand`, a canvas up to 4x filled with the mean colour),
-IoU-constrained random crop (`IoURandomCrop`), resize to S x S, horizontal flip, photometric distortion,
-normalization. Flip and photometric distortion run after the resize: they commute with it (a flip
-exactly, the per-pixel colour changes up to interpolation rounding), and on the S x S image they cost a
-fraction of what they cost on a large photograph or a 4x canvas.
+Training (SSD recipe): zoom-out (`Expand`: a canvas up to 4x filled with the mean colour), IoU-constrained
+random crop (`IoURandomCrop`), resize to S x S, horizontal flip, photometric distortion, normalization.
+The first three run as one step, `ExpandCropResize`: the same random draws and boxes as `Expand`,
+`IoURandomCrop` and `A.Resize` in a row, but one affine warp from the source photograph straight to
+S x S instead of building a canvas of up to 16x the photograph's pixels. Flip and photometric distortion
+run after the resize: they commute with it (a flip exactly, the per-pixel colour changes up to
+interpolation rounding), and on the S x S image they cost a fraction of what they cost on a large
+photograph.
 
 Randomness: every random draw comes from the Compose's `random_generator` / `py_random`. Use
 `seed_transform(transform, seed)` to make a pipeline reproducible (one shared stream for all steps).
@@ -35,6 +38,134 @@ MEAN_PIXEL: tuple[int, int, int] = tuple(int(round(255 * m)) for m in IMAGENET_M
 SSD_MIN_IOUS: tuple[float | None, ...] = (None, 0.0, 0.1, 0.3, 0.5, 0.7, 0.9)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Pure geometry shared by the transforms below (boxes: (n, 4+k) arrays whose first 4 columns are fractional
+# xyxy; extra columns, e.g. albumentations' label columns, travel with their box).
+
+
+def sample_expand(py_random: random.Random, height: int, width: int, max_ratio: float) -> tuple[int, int, int, int]:
+    """Zoom-out parameters (top, left, canvas_h, canvas_w): ratio ~ U[1, max_ratio], a uniform offset."""
+    ratio = py_random.uniform(1.0, max_ratio)
+    canvas_h, canvas_w = int(height * ratio), int(width * ratio)
+    top = py_random.randint(0, canvas_h - height)
+    left = py_random.randint(0, canvas_w - width)
+    return top, left, canvas_h, canvas_w
+
+
+def expand_boxes(
+    bboxes: np.ndarray, height: int, width: int, top: int, left: int, canvas_h: int, canvas_w: int
+) -> np.ndarray:
+    """Fractional boxes of a height x width image placed at (top, left) on a canvas_h x canvas_w canvas."""
+    out = np.array(bboxes, dtype=np.float64, copy=True)
+    out[:, [0, 2]] = (out[:, [0, 2]] * width + left) / canvas_w
+    out[:, [1, 3]] = (out[:, [1, 3]] * height + top) / canvas_h
+    return out
+
+
+def sample_iou_crop(
+    rng: np.random.Generator,
+    py_random: random.Random,
+    height: int,
+    width: int,
+    boxes_px: np.ndarray,
+    min_ious: Sequence[float | None],
+    min_scale: float,
+    max_aspect: float,
+    max_trials: int,
+) -> tuple[int, int, int, int]:
+    """SSD crop patch (x0, y0, x1, y1) in integer pixels of a height x width image (see IoURandomCrop).
+
+    boxes_px: (n, 4) pixel xyxy. All `max_trials` candidates are drawn and tested at once; the first
+    valid one wins, none valid (or option None) -> the whole image.
+    """
+    whole = (0, 0, width, height)
+    min_iou = min_ious[py_random.randrange(len(min_ious))]
+    if min_iou is None:
+        return whole
+    t = max_trials
+    w = rng.uniform(min_scale, 1.0, t) * width
+    h = rng.uniform(min_scale, 1.0, t) * height
+    x0 = np.floor(rng.uniform(0.0, 1.0, t) * (width - w))
+    y0 = np.floor(rng.uniform(0.0, 1.0, t) * (height - h))
+    # Integer patches so the image crop and the box arithmetic use the same rectangle.
+    x1 = np.minimum(x0 + np.maximum(np.round(w), 1), width)
+    y1 = np.minimum(y0 + np.maximum(np.round(h), 1), height)
+    aspect = (y1 - y0) / (x1 - x0)
+    ok = (aspect >= 1.0 / max_aspect) & (aspect <= max_aspect)
+    if len(boxes_px):
+        iou = _iou(np.stack([x0, y0, x1, y1], axis=1), boxes_px)  # (T, n)
+        cx = 0.5 * (boxes_px[:, 0] + boxes_px[:, 2])
+        cy = 0.5 * (boxes_px[:, 1] + boxes_px[:, 3])
+        centre_in = (
+            (cx[None] > x0[:, None]) & (cx[None] < x1[:, None])
+            & (cy[None] > y0[:, None]) & (cy[None] < y1[:, None])
+        )  # fmt: skip
+        ok &= (iou.max(axis=1) >= min_iou) & centre_in.any(axis=1)
+    hits = np.flatnonzero(ok)
+    if len(hits) == 0:
+        return whole
+    k = hits[0]
+    return int(x0[k]), int(y0[k]), int(x1[k]), int(y1[k])
+
+
+def crop_boxes(bboxes: np.ndarray, crop: tuple[int, int, int, int], height: int, width: int) -> np.ndarray:
+    """Boxes of a height x width image after cropping to `crop`: those whose centre lies strictly inside
+    are kept (with their extra columns) and clipped to the patch; fractional w.r.t. the patch."""
+    x0, y0, x1, y1 = crop
+    if (x0, y0, x1, y1) == (0, 0, width, height) or len(bboxes) == 0:
+        return bboxes
+    px = bboxes[:, :4] * np.array([width, height, width, height], dtype=np.float64)
+    cx = 0.5 * (px[:, 0] + px[:, 2])
+    cy = 0.5 * (px[:, 1] + px[:, 3])
+    keep = (cx > x0) & (cx < x1) & (cy > y0) & (cy < y1)
+    out = np.array(bboxes[keep], dtype=np.float64, copy=True)
+    px = px[keep] - np.array([x0, y0, x0, y0], dtype=np.float64)
+    pw, ph = x1 - x0, y1 - y0
+    np.clip(px[:, 0::2], 0, pw, out=px[:, 0::2])
+    np.clip(px[:, 1::2], 0, ph, out=px[:, 1::2])
+    out[:, :4] = px / np.array([pw, ph, pw, ph], dtype=np.float64)
+    return out
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every pair: a (T, 4), b (n, 4) xyxy -> (T, n)."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
+    return inter / np.maximum(area_a[:, None] + area_b[None] - inter, 1e-12)
+
+
+def _box_columns(data: dict[str, Any]) -> np.ndarray:
+    """The (n, 4) fractional xyxy of the boxes in albumentations' data dict (label columns dropped)."""
+    boxes = np.asarray(data.get("bboxes", ()), dtype=np.float64)
+    return boxes[:, :4] if boxes.size else np.zeros((0, 4))
+
+
+def _check_crop_args(min_ious, min_scale, max_aspect, max_trials) -> None:
+    if not min_ious:
+        raise ValueError("crop min_ious must not be empty")
+    for m in min_ious:
+        if m is not None and not 0.0 <= m <= 1.0:
+            raise ValueError(f"crop min_ious must be None or in [0, 1], got {m!r}")
+    if not 0.0 < min_scale <= 1.0:
+        raise ValueError(f"crop min_scale must be in (0, 1], got {min_scale!r}")
+    if not max_aspect >= 1.0:
+        raise ValueError(f"crop max_aspect must be >= 1, got {max_aspect!r}")
+    if max_trials < 1:
+        raise ValueError(f"crop max_trials must be >= 1, got {max_trials!r}")
+
+
+def _check_fill(fill: Sequence[int]) -> tuple[int, int, int]:
+    if len(fill) != 3:
+        raise ValueError(f"fill must be 3 channel values, got {fill!r}")
+    return tuple(int(v) for v in fill)  # type: ignore[return-value]
+
+
+_IMAGE_AND_BOXES = (A.core.type_definitions.Targets.IMAGE, A.core.type_definitions.Targets.BBOXES)
+
+
 class Expand(A.DualTransform):
     """Zoom out: put the image at a random place on a canvas `ratio` times its size, ratio ~ U[1, max_ratio].
 
@@ -42,23 +173,18 @@ class Expand(A.DualTransform):
     coordinates they shrink by 1 / ratio. Targets: image, bboxes.
     """
 
-    _targets = (A.core.type_definitions.Targets.IMAGE, A.core.type_definitions.Targets.BBOXES)
+    _targets = _IMAGE_AND_BOXES
 
     def __init__(self, max_ratio: float = 4.0, fill: Sequence[int] = MEAN_PIXEL, p: float = 0.5) -> None:
         super().__init__(p=p)
         if not max_ratio >= 1.0:
             raise ValueError(f"Expand max_ratio must be >= 1, got {max_ratio!r}")
-        if len(fill) != 3:
-            raise ValueError(f"Expand fill must be 3 channel values, got {fill!r}")
         self.max_ratio = float(max_ratio)
-        self.fill = tuple(int(v) for v in fill)
+        self.fill = _check_fill(fill)
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         height, width = params["shape"][:2]
-        ratio = self.py_random.uniform(1.0, self.max_ratio)
-        canvas_h, canvas_w = int(height * ratio), int(width * ratio)
-        top = self.py_random.randint(0, canvas_h - height)
-        left = self.py_random.randint(0, canvas_w - width)
+        top, left, canvas_h, canvas_w = sample_expand(self.py_random, height, width, self.max_ratio)
         return {"top": top, "left": left, "canvas_h": canvas_h, "canvas_w": canvas_w}
 
     def apply(self, img: np.ndarray, top: int, left: int, canvas_h: int, canvas_w: int, **params: Any) -> np.ndarray:
@@ -72,10 +198,7 @@ class Expand(A.DualTransform):
         self, bboxes: np.ndarray, top: int, left: int, canvas_h: int, canvas_w: int, **params: Any
     ) -> np.ndarray:
         height, width = params["shape"][:2]
-        out = bboxes.copy()
-        out[:, [0, 2]] = (bboxes[:, [0, 2]] * width + left) / canvas_w
-        out[:, [1, 3]] = (bboxes[:, [1, 3]] * height + top) / canvas_h
-        return out
+        return expand_boxes(bboxes, height, width, top, left, canvas_h, canvas_w)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("max_ratio", "fill")
@@ -92,7 +215,7 @@ class IoURandomCrop(A.DualTransform):
     labels go with them). An image without boxes gets an unconstrained patch. Targets: image, bboxes.
     """
 
-    _targets = (A.core.type_definitions.Targets.IMAGE, A.core.type_definitions.Targets.BBOXES)
+    _targets = _IMAGE_AND_BOXES
 
     def __init__(
         self,
@@ -103,17 +226,7 @@ class IoURandomCrop(A.DualTransform):
         p: float = 1.0,
     ) -> None:
         super().__init__(p=p)
-        if not min_ious:
-            raise ValueError("IoURandomCrop min_ious must not be empty")
-        for m in min_ious:
-            if m is not None and not 0.0 <= m <= 1.0:
-                raise ValueError(f"IoURandomCrop min_ious must be None or in [0, 1], got {m!r}")
-        if not 0.0 < min_scale <= 1.0:
-            raise ValueError(f"IoURandomCrop min_scale must be in (0, 1], got {min_scale!r}")
-        if not max_aspect >= 1.0:
-            raise ValueError(f"IoURandomCrop max_aspect must be >= 1, got {max_aspect!r}")
-        if max_trials < 1:
-            raise ValueError(f"IoURandomCrop max_trials must be >= 1, got {max_trials!r}")
+        _check_crop_args(min_ious, min_scale, max_aspect, max_trials)
         self.min_ious = tuple(min_ious)
         self.min_scale = float(min_scale)
         self.max_aspect = float(max_aspect)
@@ -121,39 +234,11 @@ class IoURandomCrop(A.DualTransform):
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         height, width = params["shape"][:2]
-        whole = {"crop": (0, 0, width, height)}
-        min_iou = self.min_ious[self.py_random.randrange(len(self.min_ious))]
-        if min_iou is None:
-            return whole
-        boxes = np.asarray(data.get("bboxes", np.zeros((0, 4))), dtype=np.float64)[:, :4]
-        boxes = boxes * np.array([width, height, width, height])
-        rng = self.random_generator
-        t = self.max_trials
-        w = rng.uniform(self.min_scale, 1.0, t) * width
-        h = rng.uniform(self.min_scale, 1.0, t) * height
-        x0 = rng.uniform(0.0, 1.0, t) * (width - w)
-        y0 = rng.uniform(0.0, 1.0, t) * (height - h)
-        # Integer patches so the image crop and the box arithmetic use the same rectangle.
-        x0, y0 = np.floor(x0), np.floor(y0)
-        x1 = np.minimum(x0 + np.maximum(np.round(w), 1), width)
-        y1 = np.minimum(y0 + np.maximum(np.round(h), 1), height)
-        pw, ph = x1 - x0, y1 - y0
-        ok = (ph / pw >= 1.0 / self.max_aspect) & (ph / pw <= self.max_aspect)
-        if len(boxes):
-            patches = np.stack([x0, y0, x1, y1], axis=1)  # (T, 4)
-            iou = _iou(patches, boxes)  # (T, n)
-            cx = 0.5 * (boxes[:, 0] + boxes[:, 2])
-            cy = 0.5 * (boxes[:, 1] + boxes[:, 3])
-            centre_in = (
-                (cx[None] > x0[:, None]) & (cx[None] < x1[:, None])
-                & (cy[None] > y0[:, None]) & (cy[None] < y1[:, None])
-            )  # fmt: skip
-            ok &= (iou.max(axis=1) >= min_iou) & centre_in.any(axis=1)
-        hits = np.flatnonzero(ok)
-        if len(hits) == 0:
-            return whole
-        k = hits[0]
-        return {"crop": (int(x0[k]), int(y0[k]), int(x1[k]), int(y1[k]))}
+        boxes = _box_columns(data)
+        boxes_px = boxes * np.array([width, height, width, height])
+        crop = sample_iou_crop(self.random_generator, self.py_random, height, width, boxes_px, self.min_ious,
+                               self.min_scale, self.max_aspect, self.max_trials)
+        return {"crop": crop}
 
     def apply(self, img: np.ndarray, crop: tuple[int, int, int, int], **params: Any) -> np.ndarray:
         x0, y0, x1, y1 = crop
@@ -161,34 +246,94 @@ class IoURandomCrop(A.DualTransform):
 
     def apply_to_bboxes(self, bboxes: np.ndarray, crop: tuple[int, int, int, int], **params: Any) -> np.ndarray:
         height, width = params["shape"][:2]
-        x0, y0, x1, y1 = crop
-        if (x0, y0, x1, y1) == (0, 0, width, height) or len(bboxes) == 0:
-            return bboxes
-        scale = np.array([width, height, width, height], dtype=np.float64)
-        px = bboxes[:, :4] * scale
-        cx = 0.5 * (px[:, 0] + px[:, 2])
-        cy = 0.5 * (px[:, 1] + px[:, 3])
-        keep = (cx > x0) & (cx < x1) & (cy > y0) & (cy < y1)
-        out = bboxes[keep].copy()
-        px = px[keep] - np.array([x0, y0, x0, y0], dtype=np.float64)
-        pw, ph = x1 - x0, y1 - y0
-        np.clip(px[:, 0::2], 0, pw, out=px[:, 0::2])
-        np.clip(px[:, 1::2], 0, ph, out=px[:, 1::2])
-        out[:, :4] = px / np.array([pw, ph, pw, ph], dtype=np.float64)
-        return out
+        return crop_boxes(bboxes, crop, height, width)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("min_ious", "min_scale", "max_aspect", "max_trials")
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every pair: a (T, 4), b (n, 4) xyxy -> (T, n)."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
-    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
-    return inter / np.maximum(area_a[:, None] + area_b[None] - inter, 1e-12)
+class ExpandCropResize(A.DualTransform):
+    """`Expand` (with probability `expand_probability`), then `IoURandomCrop`, then a resize to size x size,
+    done as one affine warp of the source image.
+
+    Same random draws, same boxes as the three steps in a row; the image differs only by interpolation
+    rounding. The zoom-out canvas is never built: on a large photograph a 4x canvas is up to 16x its
+    pixels, which made the separate steps the slowest part of training. Pixels outside the source image
+    get `fill`. `min_ious=(None,)` disables the crop. Targets: image, bboxes.
+    """
+
+    _targets = _IMAGE_AND_BOXES
+
+    def __init__(
+        self,
+        size: int,
+        expand_max_ratio: float = 4.0,
+        expand_probability: float = 0.5,
+        fill: Sequence[int] = MEAN_PIXEL,
+        min_ious: Sequence[float | None] = SSD_MIN_IOUS,
+        min_scale: float = 0.3,
+        max_aspect: float = 2.0,
+        max_trials: int = 50,
+        interpolation: int = cv2.INTER_LINEAR,
+        p: float = 1.0,
+    ) -> None:
+        super().__init__(p=p)
+        if size < 1:
+            raise ValueError(f"size must be positive, got {size!r}")
+        if not expand_max_ratio >= 1.0:
+            raise ValueError(f"expand_max_ratio must be >= 1 (1 disables zoom-out), got {expand_max_ratio!r}")
+        if not 0.0 <= expand_probability <= 1.0:
+            raise ValueError(f"expand_probability must be in [0, 1], got {expand_probability!r}")
+        _check_crop_args(min_ious, min_scale, max_aspect, max_trials)
+        self.size = int(size)
+        self.expand_max_ratio = float(expand_max_ratio)
+        self.expand_probability = float(expand_probability)
+        self.fill = _check_fill(fill)
+        self.min_ious = tuple(min_ious)
+        self.min_scale = float(min_scale)
+        self.max_aspect = float(max_aspect)
+        self.max_trials = int(max_trials)
+        self.interpolation = interpolation
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        expand = (0, 0, height, width)
+        # Draw in the order of Expand(p) followed by IoURandomCrop, so both give the same result.
+        if self.expand_max_ratio > 1.0 and self.expand_probability > 0.0 and (
+            self.expand_probability >= 1.0 or self.py_random.random() < self.expand_probability
+        ):
+            expand = sample_expand(self.py_random, height, width, self.expand_max_ratio)
+        top, left, canvas_h, canvas_w = expand
+        boxes = _box_columns(data)
+        boxes_px = expand_boxes(boxes, height, width, *expand) * np.array([canvas_w, canvas_h, canvas_w, canvas_h])
+        crop = sample_iou_crop(self.random_generator, self.py_random, canvas_h, canvas_w, boxes_px, self.min_ious,
+                               self.min_scale, self.max_aspect, self.max_trials)
+        return {"expand": expand, "crop": crop}
+
+    def apply(
+        self, img: np.ndarray, expand: tuple[int, int, int, int], crop: tuple[int, int, int, int], **params: Any
+    ) -> np.ndarray:
+        top, left = expand[0], expand[1]
+        x0, y0, x1, y1 = crop
+        sx, sy = (x1 - x0) / self.size, (y1 - y0) / self.size
+        # Output pixel centre u + 0.5 samples crop coordinate (u + 0.5) * sx (cv2.resize's convention),
+        # i.e. source pixel index (u + 0.5) * sx - 0.5 + x0 - left.
+        matrix = np.array([[sx, 0.0, 0.5 * sx - 0.5 + x0 - left], [0.0, sy, 0.5 * sy - 0.5 + y0 - top]])
+        return cv2.warpAffine(
+            img, matrix, (self.size, self.size), flags=self.interpolation | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_CONSTANT, borderValue=self.fill,
+        )
+
+    def apply_to_bboxes(
+        self, bboxes: np.ndarray, expand: tuple[int, int, int, int], crop: tuple[int, int, int, int], **params: Any
+    ) -> np.ndarray:
+        height, width = params["shape"][:2]
+        top, left, canvas_h, canvas_w = expand
+        return crop_boxes(expand_boxes(bboxes, height, width, *expand), crop, canvas_h, canvas_w)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("size", "expand_max_ratio", "expand_probability", "fill", "min_ious", "min_scale", "max_aspect",
+                "max_trials", "interpolation")
 
 
 def _bbox_params() -> A.BboxParams:
@@ -229,15 +374,17 @@ def build_train_transform(
         raise ValueError(f"image_size must be positive, got {image_size!r}")
     if not 0.0 <= expand_probability <= 1.0:
         raise ValueError(f"expand_probability must be in [0, 1], got {expand_probability!r}")
-    steps: list[A.BasicTransform] = []
-    if expand_max_ratio > 1.0 and expand_probability > 0.0:
-        fill = tuple(int(round(255 * m)) for m in mean)
-        steps.append(Expand(max_ratio=expand_max_ratio, fill=fill, p=expand_probability))
-    elif expand_max_ratio < 1.0:
+    if expand_max_ratio < 1.0:
         raise ValueError(f"expand_max_ratio must be >= 1 (1 disables zoom-out), got {expand_max_ratio!r}")
-    if random_crop:
-        steps.append(IoURandomCrop(min_ious=crop_min_ious))
-    steps.append(A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR))
+    steps: list[A.BasicTransform] = [
+        ExpandCropResize(
+            image_size,
+            expand_max_ratio=expand_max_ratio,
+            expand_probability=expand_probability,
+            fill=tuple(int(round(255 * m)) for m in mean),
+            min_ious=tuple(crop_min_ious) if random_crop else (None,),
+        )
+    ]
     if horizontal_flip:
         steps.append(A.HorizontalFlip(p=0.5))
     if photometric:

@@ -13,6 +13,7 @@ from data.transforms import (
     IMAGENET_MEAN,
     MEAN_PIXEL,
     Expand,
+    ExpandCropResize,
     IoURandomCrop,
     build_eval_transform,
     build_train_transform,
@@ -65,7 +66,9 @@ def test_flip_mirrors_boxes_and_pixels_exactly():
     image = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     boxes = np.array([[0.1, 0.2, 0.35, 0.9], [0.5, 0.0, 1.0, 0.25]], dtype=np.float32)
     labels, difficult = np.array([1, 2]), np.array([False, True])
-    reference = build_eval_transform(64)(image=image, bboxes=boxes, labels=labels, difficult=difficult)
+    plain = build_train_transform(64, photometric=False, expand_probability=0.0, random_crop=False,
+                                  horizontal_flip=False)
+    reference = plain(image=image, bboxes=boxes, labels=labels, difficult=difficult)
     flip_only = build_train_transform(64, photometric=False, expand_probability=0.0, random_crop=False, seed=3)
     mirrored = np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], axis=1)
     seen = set()
@@ -159,6 +162,26 @@ def test_crop_respects_min_iou_and_patch_shape():
     assert whole.get_params_dependent_on_data({"shape": (100, 200, 3)}, {"bboxes": box}) == {"crop": (0, 0, 200, 100)}
 
 
+def test_fused_step_equals_expand_crop_resize_in_a_row():
+    image, boxes, labels, difficult = raccoon_samples()[5]  # raccoon-177: two boxes
+    params = A.BboxParams(format="albumentations", label_fields=["labels", "difficult"])
+    separate = A.Compose([Expand(max_ratio=4.0, p=0.5), IoURandomCrop(), A.Resize(96, 96)], bbox_params=params)
+    fused = A.Compose([ExpandCropResize(96, expand_max_ratio=4.0, expand_probability=0.5)], bbox_params=params)
+    seed_transform(separate, 11)
+    seed_transform(fused, 11)
+    changed = 0
+    for _ in range(30):
+        a = separate(image=image, bboxes=boxes, labels=labels, difficult=difficult)
+        b = fused(image=image, bboxes=boxes, labels=labels, difficult=difficult)
+        np.testing.assert_allclose(np.asarray(b["bboxes"]), np.asarray(a["bboxes"]), rtol=0, atol=1e-9)
+        assert np.asarray(a["labels"]).tolist() == np.asarray(b["labels"]).tolist()
+        assert a["image"].shape == b["image"].shape == (96, 96, 3)
+        diff = np.abs(a["image"].astype(int) - b["image"].astype(int))
+        assert diff.mean() < 1.5  # the same picture; only interpolation rounding at edges differs
+        changed += not np.allclose(np.asarray(b["bboxes"]), boxes)
+    assert changed > 10
+
+
 def test_image_without_boxes_passes_through_training():
     transform = build_train_transform(96, seed=1)
     image = np.zeros((50, 70, 3), np.uint8)
@@ -200,11 +223,14 @@ def test_same_seed_same_augmentation():
 
 def test_strength_switches_and_checks():
     names = [type(t).__name__ for t in build_train_transform(64).transforms]
-    assert names == ["Expand", "IoURandomCrop", "Resize", "HorizontalFlip", "ColorJitter", "Normalize", "ToTensorV2"]
+    assert names == ["ExpandCropResize", "HorizontalFlip", "ColorJitter", "Normalize", "ToTensorV2"]
     off = build_train_transform(64, photometric=False, expand_max_ratio=1.0, random_crop=False,
                                 horizontal_flip=False)
-    assert [type(t).__name__ for t in off.transforms] == ["Resize", "Normalize", "ToTensorV2"]
-    assert build_train_transform(64, expand_max_ratio=2.5).transforms[0].max_ratio == 2.5
+    assert [type(t).__name__ for t in off.transforms] == ["ExpandCropResize", "Normalize", "ToTensorV2"]
+    assert off.transforms[0].min_ious == (None,)
+    geometric = build_train_transform(64, expand_max_ratio=2.5, expand_probability=0.3).transforms[0]
+    assert (geometric.expand_max_ratio, geometric.expand_probability, geometric.size) == (2.5, 0.3, 64)
+    assert geometric.fill == MEAN_PIXEL
     with pytest.raises(ValueError, match="expand_max_ratio"):
         build_train_transform(64, expand_max_ratio=0.5)
     with pytest.raises(ValueError, match="expand_probability"):
