@@ -88,8 +88,7 @@ def load_coco(
             if on_error == "raise":
                 raise ImageReadError(msg)
             stats.images_skipped += 1
-            stats.problems.append(f"skipped: {msg}")
-            logger.warning("skipped: %s", msg)
+            stats.note(logger, logging.WARNING, f"skipped: {msg}")
             continue
         anns = coco.imgToAnns.get(img_id, [])
         stats.boxes_read += len(anns)
@@ -112,13 +111,11 @@ def load_coco(
         outside = ~bad & ((clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1]))
         moved = ~bad & ~outside & np.any(clipped != boxes, axis=1)
         for i in np.flatnonzero(bad | outside):
-            msg = f"{annotation_json}: dropped annotation {ann_ids[i]} of image {img_id} bbox {xywh[i].tolist()}"
-            stats.problems.append(msg)
-            logger.warning(msg)
+            stats.note(logger, logging.WARNING,
+                       f"{annotation_json}: dropped annotation {ann_ids[i]} of image {img_id} bbox {xywh[i].tolist()}")
         if moved.any():
-            msg = f"{annotation_json}: clipped annotations {ann_ids[moved].tolist()} to image {img_id}"
-            stats.problems.append(msg)
-            logger.info(msg)
+            stats.note(logger, logging.INFO,
+                       f"{annotation_json}: clipped annotations {ann_ids[moved].tolist()} to image {img_id}")
         keep = ~(bad | outside)
         stats.boxes_dropped += int((~keep).sum())
         stats.boxes_clipped += int(moved.sum())

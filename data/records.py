@@ -15,6 +15,9 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+# Problem messages kept in LoadStats.problems; a huge broken dataset must not fill memory with them.
+MAX_PROBLEMS = 1000
+
 
 @dataclass
 class ImageRecord:
@@ -82,10 +85,16 @@ class LoadStats:
         """Add `other`'s counts (and problem messages) into this object; returns self."""
         for f in fields(self):
             if f.name == "problems":
-                self.problems.extend(other.problems)
+                self.problems.extend(other.problems[: max(0, MAX_PROBLEMS - len(self.problems))])
             else:
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
         return self
+
+    def note(self, log: logging.Logger, level: int, message: str) -> None:
+        """Log a problem with a file and keep its message (the first MAX_PROBLEMS; counts stay exact)."""
+        log.log(level, message)
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(message)
 
     def summary(self) -> str:
         return (

@@ -34,8 +34,6 @@ VOC_CLASSES: tuple[str, ...] = (
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".JPG", ".JPEG", ".PNG", ".BMP")
 ON_ERROR_CHOICES = ("raise", "skip")
-# Keep at most this many problem messages in LoadStats (counts stay exact).
-_MAX_PROBLEMS = 1000
 _USE_DEFAULT_CACHE = object()
 
 
@@ -189,10 +187,9 @@ def _parse(
     drop = bad | outside
     for i in np.flatnonzero(drop):
         why = "xmax <= xmin or ymax <= ymin" if bad[i] else f"entirely outside the {width}x{height} image"
-        _problem(stats, logging.WARNING, f"{xml_path}: dropped box {voc[i].tolist()} ({why})")
+        stats.note(logger, logging.WARNING, f"{xml_path}: dropped box {voc[i].tolist()} ({why})")
     for i in np.flatnonzero(moved):
-        _problem(
-            stats, logging.INFO,
+        stats.note(logger, logging.INFO,
             f"{xml_path}: clipped box {voc[i].tolist()} to the {width}x{height} image",
         )
     keep = ~drop
@@ -211,14 +208,8 @@ def _parse(
     stats.boxes_difficult += int(record.difficult.sum())
     if record.n_boxes == 0:
         stats.images_empty += 1
-        _problem(stats, logging.INFO, f"{xml_path}: no boxes (image kept)")
+        stats.note(logger, logging.INFO, f"{xml_path}: no boxes (image kept)")
     return record
-
-
-def _problem(stats: LoadStats, level: int, message: str) -> None:
-    logger.log(level, message)
-    if len(stats.problems) < _MAX_PROBLEMS:
-        stats.problems.append(message)
 
 
 def parse_voc_xml(
@@ -309,7 +300,7 @@ def _load_entries(
                 if on_error == "raise":
                     raise
                 stats.images_skipped += 1
-                _problem(stats, logging.WARNING, f"skipped: {exc}")
+                stats.note(logger, logging.WARNING, f"skipped: {exc}")
                 continue
             stats.merge(file_stats)
             stats.images_kept += 1
