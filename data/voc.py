@@ -34,7 +34,14 @@ VOC_CLASSES: tuple[str, ...] = (
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".JPG", ".JPEG", ".PNG", ".BMP")
 ON_ERROR_CHOICES = ("raise", "skip")
-_USE_DEFAULT_CACHE = object()
+class _DefaultCacheDir:
+    """Marker default of `cache_dir`: use `default_cache_dir()` (None disables the cache)."""
+
+    def __repr__(self) -> str:
+        return "default_cache_dir()"
+
+
+_USE_DEFAULT_CACHE = _DefaultCacheDir()
 
 
 def check_class_names(class_names: Sequence[str]) -> tuple[str, ...]:
