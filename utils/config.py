@@ -121,8 +121,9 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     grad_clip_norm: float | None = None
+    ema_decay: float | None = None  # e.g. 0.998: evaluate and save an average of the weights
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
+    amp: str = "auto"  # auto (bf16/fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     channels_last: bool = True
     compile: bool = False
     cudnn_benchmark: bool = True
@@ -158,7 +159,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.classification": ("hard_negative", "focal_sigmoid", "focal_softmax"),
     "train.optimizer": ("sgd", "adamw"),
     "train.schedule": ("multistep", "cosine"),
-    "train.amp": ("auto", "off", "bf16", "fp16"),
+    "train.amp": ("auto", "fp32", "bf16", "fp16"),
 }
 
 

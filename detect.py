@@ -1,0 +1,144 @@
+"""Run a trained checkpoint on images and draw what it finds.
+
+    python detect.py --checkpoint checkpoints/demo/best.pt --input photo.jpg
+    python detect.py --checkpoint checkpoints/voc/best.pt --input "photos/*.jpg" --output-dir out --min-score 0.4
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from data.transforms import build_eval_transform
+from utils.builders import detector_from_checkpoint, score_activation
+from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.engine import resolve_device
+
+logger = logging.getLogger("detect")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+class InputError(ValueError):
+    """An input path that names no readable image."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Detect objects with a Tiny-Detector checkpoint; writes annotated images and a JSON of "
+        "detections in pixel coordinates."
+    )
+    parser.add_argument("--checkpoint", required=True, help="a best.pt/last.pt written by train.py")
+    parser.add_argument("--input", required=True, help="an image file, a folder of images, or a quoted glob")
+    parser.add_argument("--output-dir", default="detections", help="where drawn images and detections.json go")
+    parser.add_argument("--min-score", type=float, default=0.4, help="lowest score drawn and reported")
+    parser.add_argument("--max-overlap", type=float, default=0.45, help="NMS IoU threshold")
+    parser.add_argument("--top-k", type=int, default=200, help="most detections kept per image")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    return parser.parse_args(argv)
+
+
+def resolve_inputs(pattern: str) -> list[Path]:
+    path = Path(pattern)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    elif path.is_file():
+        files = [path]
+    else:
+        files = sorted(Path(p) for p in glob.glob(pattern) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InputError(f"--input {pattern!r}: no image files found")
+    return files
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise InputError(f"cannot read image {path}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def class_colour(label: int) -> tuple[int, int, int]:
+    # A fixed, well-spread hue per class so the same class keeps its colour across images.
+    hue = (label * 47) % 180
+    bgr = cv2.cvtColor(np.uint8([[[hue, 220, 230]]]), cv2.COLOR_HSV2BGR)[0, 0]
+    return int(bgr[0]), int(bgr[1]), int(bgr[2])
+
+
+def draw_detections(image_rgb: np.ndarray, found: list[dict[str, Any]]) -> np.ndarray:
+    """A BGR copy of the image with each box, class name and score drawn."""
+    canvas = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
+    thickness = max(1, round(min(canvas.shape[:2]) / 200))
+    for det in found:
+        x1, y1, x2, y2 = (int(round(v)) for v in det["box"])
+        colour = class_colour(det["label"])
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, thickness)
+        text = f"{det['class']} {det['score']:.2f}"
+        (tw, th), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
+        top = max(0, y1 - th - baseline - 2)
+        cv2.rectangle(canvas, (x1, top), (x1 + tw + 2, top + th + baseline + 2), colour, -1)
+        cv2.putText(canvas, text, (x1 + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    return canvas
+
+
+@torch.inference_mode()
+def detect_image(detector, transform, image_rgb: np.ndarray, device: torch.device, args: argparse.Namespace,
+                 class_names: list[str], activation: str) -> list[dict[str, Any]]:
+    height, width = image_rgb.shape[:2]
+    tensor = transform(image=image_rgb, bboxes=np.zeros((0, 4)), labels=[], difficult=[])["image"]
+    locs, scores = detector(tensor.unsqueeze(0).to(device))
+    found = detector.detect_objects(
+        locs.float(), scores.float(), min_score=args.min_score, max_overlap=args.max_overlap, top_k=args.top_k,
+        activation=activation,
+    )[0]
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    boxes = (found.boxes.cpu() * scale).tolist()
+    return [
+        {"label": int(label), "class": class_names[int(label) - 1], "score": round(float(score), 4),
+         "box": [round(v, 1) for v in box]}
+        for box, label, score in zip(boxes, found.labels.tolist(), found.scores.tolist(), strict=True)
+    ]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        files = resolve_inputs(args.input)
+        checkpoint = load_checkpoint(args.checkpoint)
+        class_names = list(checkpoint["class_names"])
+        device = resolve_device(args.device)
+        detector = detector_from_checkpoint(checkpoint, args.checkpoint).to(device).eval()
+        transform = build_eval_transform(detector.image_size)
+        activation = score_activation(checkpoint["config"]["loss"]["classification"])
+        output_dir = Path(args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        report = []
+        for path in files:
+            image = read_rgb(path)
+            found = detect_image(detector, transform, image, device, args, class_names, activation)
+            drawn_path = output_dir / f"{path.stem}_detections.jpg"
+            if not cv2.imwrite(str(drawn_path), draw_detections(image, found)):
+                raise InputError(f"cannot write {drawn_path}")
+            report.append({"image": str(path), "width": image.shape[1], "height": image.shape[0],
+                           "output": str(drawn_path), "detections": found})  # fmt: skip
+            logger.info("%s: %d detections -> %s", path, len(found), drawn_path)
+        (output_dir / "detections.json").write_text(json.dumps(report, indent=2))
+        print(f"wrote {len(files)} images and {output_dir / 'detections.json'}")
+    except (InputError, CheckpointError) as error:
+        logger.error("%s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

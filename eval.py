@@ -1,0 +1,130 @@
+"""Evaluate a checkpoint (or a folder of VOC results files) on the test split: VOC mAP and COCO metrics.
+
+    python eval.py --config configs/voc.yaml --checkpoint checkpoints/voc/best.pt
+    python eval.py --config configs/voc.yaml --results-dir my_detector_results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.dataset import DetectionDataset
+from data.transforms import build_eval_transform
+from utils.builders import detector_from_checkpoint, load_split_records, prepare_synthetic, score_activation
+from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.config import ConfigError, load_config
+from utils.distributed import DistributedContext
+from utils.engine import resolve_amp_dtype, resolve_device, run_inference
+from utils.evaluation import EvaluationResult, evaluate_detections
+from utils.pr_curves import plot_pr_curves
+from utils.voc_results import ResultsFormatError, read_voc_results, write_voc_results
+
+logger = logging.getLogger("eval")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Evaluate the Tiny-Detector on the test split of a config's dataset: per-class VOC AP "
+        "(VOC2007 11-point and VOC2010+ area), their means, and COCO-style metrics.",
+        epilog="Config keys can be overridden after the flags as dotted key=value pairs, e.g. "
+        "'data.root=/data/VOCdevkit eval.min_score=0.05'.",
+    )
+    parser.add_argument("--config", required=True, help="YAML config naming the dataset and eval settings")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a best.pt/last.pt written by train.py")
+    source.add_argument(
+        "--results-dir",
+        help="evaluate comp4_det_test_<class>.txt files (lines 'image_id score xmin ymin xmax ymax', 1-based "
+        "pixels) from any detector instead of running a model",
+    )
+    parser.add_argument(
+        "--output-dir",
+        help="where metrics.json, the results files and pr_curves.png go (default: eval/ beside the "
+        "checkpoint, or the results dir itself)",
+    )
+    parser.add_argument("--no-coco", action="store_true", help="skip the COCO-style metrics")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the config's train.device)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return parser.parse_args(argv)
+
+
+def write_json_atomically(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(obj, handle, indent=2)
+    os.replace(tmp, path)
+
+
+def format_coco(coco: dict[str, Any] | None) -> str:
+    if not coco:
+        return ""
+    names = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    parts = [f"{name} {coco[name]:.4f}" if coco.get(name) is not None else f"{name} n/a" for name in names]
+    return "COCO: " + ", ".join(parts)
+
+
+def report(result: EvaluationResult, output_dir: Path, extra: dict[str, Any]) -> None:
+    print(result.voc.format_table())
+    print(f"VOC07 mAP (11-point): {result.voc.voc07_map:.4f}")
+    print(f"VOC12 mAP (area):     {result.voc.voc12_map:.4f}")
+    if result.coco:
+        print(format_coco(result.coco))
+    metrics = result.to_dict() | extra
+    write_json_atomically(metrics, output_dir / "metrics.json")
+    plot_pr_curves(result.voc, output_dir / "pr_curves.png")
+    print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'pr_curves.png'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        class_names = list(cfg.data.classes)
+        prepare_synthetic(cfg.data)
+        records = load_split_records(cfg.data, "test")
+        if args.results_dir:
+            results_dir = Path(args.results_dir)
+            detections = read_voc_results(results_dir, class_names, [r.image_id for r in records])
+            output_dir = Path(args.output_dir) if args.output_dir else results_dir
+            extra = {"results_dir": str(results_dir)}
+        else:
+            device = resolve_device(args.device or cfg.train.device)
+            checkpoint = load_checkpoint(args.checkpoint, map_location="cpu")
+            detector = detector_from_checkpoint(checkpoint, args.checkpoint, class_names).to(device)
+            channels_last = cfg.train.channels_last
+            if channels_last:
+                detector = detector.to(memory_format=torch.channels_last)
+            image_size = detector.image_size
+            dataset = DetectionDataset(records, build_eval_transform(image_size), use_difficult=True)
+            detections = run_inference(
+                detector, dataset, records, device,
+                batch_size=cfg.eval.batch_size, num_workers=min(cfg.data.num_workers, 2),
+                amp_dtype=resolve_amp_dtype(cfg.train.amp, device), channels_last=channels_last,
+                min_score=cfg.eval.min_score, max_overlap=cfg.eval.max_overlap, top_k=cfg.eval.top_k,
+                context=DistributedContext(),
+                activation=score_activation(checkpoint["config"]["loss"]["classification"]),
+            )  # fmt: skip
+            output_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent / "eval"
+            write_voc_results(output_dir, detections, class_names)
+            extra = {"checkpoint": str(args.checkpoint), "epoch": checkpoint.get("epoch")}
+        result = evaluate_detections(detections, records, class_names, coco=cfg.eval.coco_metrics and not args.no_coco)
+        report(result, output_dir, extra | {"n_images": len(records)})
+    except (ConfigError, CheckpointError, ResultsFormatError) as error:
+        logger.error("%s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""Train the Tiny-Detector.
+
+    python train.py --config configs/demo.yaml
+    python train.py --config configs/voc.yaml train.epochs=2 data.root=/data/VOCdevkit
+    python train.py --config configs/voc.yaml --resume checkpoints/voc/last.pt
+    torchrun --nproc_per_node 4 train.py --config configs/voc.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from data.dataset import DetectionDataset, collate_detections
+from data.sampler import ResumableSampler, SeededSamples
+from data.transforms import build_eval_transform, build_train_transform
+from utils.builders import (
+    build_criterion,
+    build_model,
+    build_optimizer,
+    load_split_records,
+    prepare_synthetic,
+    score_activation,
+)
+from utils.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    collect_rng_states,
+    load_checkpoint,
+    restore_rng_states,
+)
+from utils.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, save_config
+from utils.distributed import (
+    broadcast_object,
+    cleanup_distributed,
+    init_distributed,
+)
+from utils.ema import ModelEMA
+from utils.engine import (
+    NonFiniteLossError,
+    StepStats,
+    resolve_amp_dtype,
+    resolve_device,
+    run_inference,
+    steps_lr_lambda,
+    train_one_epoch,
+)
+from utils.evaluation import evaluate_detections
+from utils.metrics_log import MetricsLogger
+
+logger = logging.getLogger("train")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Train the Tiny-Detector (VGG16 base, 441 priors) from a YAML config.",
+        epilog="Any config key can be overridden after the flags as dotted key=value pairs, e.g. "
+        "'train.epochs=2 data.root=/data/VOCdevkit model.pretrained=false'. "
+        "See docs/CONFIG.md for every key.",
+    )
+    parser.add_argument("--config", help="YAML config file (see configs/); optional with --resume")
+    parser.add_argument(
+        "--resume",
+        metavar="CHECKPOINT",
+        help="continue exactly from a last.pt/best.pt written by this script (its saved config is used; "
+        "overrides given here still apply)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bars")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return parser.parse_args(argv)
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag polled at step boundaries, so the state saved is consistent."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signal_name is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        logger.warning("%s received: saving last.pt at the end of this step", self.signal_name)
+
+    def __call__(self) -> bool:
+        return self.signal_name is not None
+
+
+def build_datasets(cfg: Config) -> tuple[DetectionDataset, DetectionDataset, list, list]:
+    prepare_synthetic(cfg.data)
+    train_records = load_split_records(cfg.data, "train")
+    test_records = load_split_records(cfg.data, "test")
+    augment = cfg.augment
+    train_transform = build_train_transform(
+        image_size=cfg.model.image_size,
+        photometric=augment.photometric,
+        expand_max_ratio=augment.expand_max_ratio,
+        expand_probability=augment.expand_probability,
+        random_crop=augment.random_crop,
+        horizontal_flip=augment.horizontal_flip,
+    )
+    train_dataset = DetectionDataset(
+        train_records, train_transform, use_difficult=cfg.data.train_use_difficult, cache_images=cfg.data.cache_images
+    )
+    test_dataset = DetectionDataset(
+        test_records, build_eval_transform(cfg.model.image_size), use_difficult=True, cache_images=False
+    )
+    return train_dataset, test_dataset, train_records, test_records
+
+
+def checkpoint_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    ema: ModelEMA | None,
+    cfg: Config,
+    *,
+    epoch: int,
+    batches_done: int,
+    global_step: int,
+    best_map: float,
+    last_map: float | None,
+) -> dict[str, Any]:
+    """`epoch` is the 0-based epoch in progress and `batches_done` how many of its batches are done."""
+    detector = model.module if isinstance(model, DistributedDataParallel) else model
+    detector = getattr(detector, "_orig_mod", detector)  # torch.compile wrapper
+    return {
+        "model": detector.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "epoch": epoch,
+        "batches_done": batches_done,
+        "global_step": global_step,
+        "best_map": best_map,
+        "last_map": last_map,
+        "rng": collect_rng_states(),
+        "config": config_to_dict(cfg),
+        "class_names": list(cfg.data.classes),
+    }
+
+
+def setup_logging(is_main: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
+def train(cfg: Config, resume: str | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """Run a whole training; returns a summary (best mAP, steps, wall time, checkpoint folder)."""
+    started = time.perf_counter()
+    device = resolve_device(cfg.train.device)
+    context = init_distributed(device.type)
+    setup_logging(context.is_main)
+    if device.type == "cuda" and context.enabled:
+        device = torch.device("cuda", context.local_rank)
+    amp_dtype = resolve_amp_dtype(cfg.train.amp, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    torch.manual_seed(cfg.run.seed)
+    # Rank 0 generates synthetic data and builds the annotation cache; the others then read it.
+    if context.is_main:
+        datasets = build_datasets(cfg)
+    broadcast_object(None, context)
+    if not context.is_main:
+        datasets = build_datasets(cfg)
+    train_dataset, test_dataset, _train_records, test_records = datasets
+    class_names = list(cfg.data.classes)
+
+    model = build_model(cfg.model, len(class_names), cfg.loss.classification).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = build_criterion(cfg.loss, model).to(device)
+    optimizer = build_optimizer(cfg.train, model)
+
+    sampler = ResumableSampler(
+        len(train_dataset),
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        seed=cfg.run.seed,
+        rank=context.rank,
+        world_size=context.world_size,
+        drop_last=True,
+    )
+    steps_per_epoch = sampler.batches_per_epoch()
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"config key 'train.batch_size' ({cfg.train.batch_size}) is larger than the training set "
+            f"share of one process ({sampler.samples_per_rank} images): no full batch"
+        )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        steps_lr_lambda(
+            total_steps=steps_per_epoch * cfg.train.epochs,
+            steps_per_epoch=steps_per_epoch,
+            warmup_epochs=cfg.train.warmup_epochs,
+            schedule=cfg.train.schedule,
+            milestones=cfg.train.milestones,
+            gamma=cfg.train.gamma,
+            min_lr_ratio=cfg.train.min_lr_ratio,
+        ),
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    ema = ModelEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
+
+    start_epoch, skip_batches, global_step = 0, 0, 0
+    best_map, last_map = -1.0, None
+    if resume is not None:
+        checkpoint = load_checkpoint(resume, map_location=device)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None:
+            if checkpoint.get("ema") is None:
+                raise CheckpointError(f"{resume} holds no EMA weights but train.ema_decay is set")
+            ema.load_state_dict(checkpoint["ema"])
+        restore_rng_states(checkpoint["rng"])
+        start_epoch = checkpoint["epoch"]
+        skip_batches = checkpoint["batches_done"]
+        global_step = checkpoint["global_step"]
+        best_map = checkpoint["best_map"]
+        last_map = checkpoint["last_map"]
+        logger.info(
+            "resumed from %s: epoch %d, %d batches into it, step %d", resume, start_epoch + 1, skip_batches,
+            global_step,
+        )  # fmt: skip
+
+    train_model: torch.nn.Module = model
+    if context.enabled:
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
+
+    workers = cfg.data.num_workers
+    loader = torch.utils.data.DataLoader(
+        SeededSamples(train_dataset),
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_detections,
+        pin_memory=cfg.data.pin_memory and device.type == "cuda",
+        persistent_workers=cfg.data.persistent_workers and workers > 0,
+        drop_last=True,
+    )
+
+    metrics = MetricsLogger(run_dir, enabled=context.is_main)
+    stop = StopRequest()
+    stop.install()
+    state = {"epoch": start_epoch, "batches_done": skip_batches, "global_step": global_step}
+
+    def save(name: str) -> None:
+        if context.is_main:
+            atomic_save(
+                checkpoint_state(
+                    model, optimizer, scheduler, scaler, ema, cfg,
+                    epoch=state["epoch"], batches_done=state["batches_done"], global_step=state["global_step"],
+                    best_map=best_map, last_map=last_map,
+                ),
+                run_dir / name,
+            )  # fmt: skip
+
+    def on_step(stats: StepStats) -> None:
+        state["global_step"] = stats.step
+        state["batches_done"] += 1
+        if context.is_main and stats.step % cfg.train.log_every_steps == 0:
+            metrics.log_train(stats)
+        if cfg.train.save_every_steps and stats.step % cfg.train.save_every_steps == 0:
+            save("last.pt")
+
+    def evaluate_now() -> float:
+        detections = run_inference(
+            ema.module if ema is not None else model, test_dataset, test_records, device,
+            batch_size=cfg.eval.batch_size, num_workers=min(workers, 2), amp_dtype=amp_dtype,
+            channels_last=cfg.train.channels_last, min_score=cfg.eval.min_score,
+            max_overlap=cfg.eval.max_overlap, top_k=cfg.eval.top_k, context=context,
+            activation=score_activation(cfg.loss.classification),
+        )  # fmt: skip
+        if not context.is_main:
+            return broadcast_object(None, context)
+        result = evaluate_detections(detections, test_records, class_names, coco=False)
+        metrics.log_eval(epoch=state["epoch"], step=state["global_step"], result=result)
+        logger.info(
+            "epoch %d: VOC07 mAP %.4f, VOC12 mAP %.4f", state["epoch"], result.voc.voc07_map, result.voc.voc12_map
+        )
+        return broadcast_object(result.voc.voc07_map, context)
+
+    interrupted = False
+    try:
+        for epoch in range(start_epoch, cfg.train.epochs):
+            state["epoch"] = epoch
+            sampler.set_epoch(epoch, skip_batches=state["batches_done"])
+            global_step, interrupted = train_one_epoch(
+                train_model, criterion, loader, optimizer, scheduler, scaler, device,
+                epoch=epoch + 1, global_step=state["global_step"],
+                total_batches=steps_per_epoch - state["batches_done"], amp_dtype=amp_dtype,
+                channels_last=cfg.train.channels_last, grad_clip_norm=cfg.train.grad_clip_norm, context=context,
+                on_step=on_step, should_stop=stop, show_progress=show_progress, ema=ema,
+            )  # fmt: skip
+            if interrupted:
+                save("last.pt")
+                logger.warning("stopped by %s; resume with --resume %s", stop.signal_name, run_dir / "last.pt")
+                break
+            state["epoch"], state["batches_done"] = epoch + 1, 0
+            finished = epoch + 1
+            periodic = cfg.train.eval_every_epochs > 0 and finished >= cfg.train.eval_first_epoch and (
+                finished % cfg.train.eval_every_epochs == 0
+            )
+            if periodic or finished == cfg.train.epochs:
+                last_map = evaluate_now()
+                if last_map > best_map:
+                    best_map = last_map
+                    save("best.pt")
+            save("last.pt")
+            if stop():
+                interrupted = True
+                logger.warning("stopped by %s; resume with --resume %s", stop.signal_name, run_dir / "last.pt")
+                break
+            if cfg.train.stop_at_map is not None and last_map is not None and last_map >= cfg.train.stop_at_map:
+                logger.info("VOC07 mAP %.4f reached train.stop_at_map=%s: stopping", last_map, cfg.train.stop_at_map)
+                break
+    finally:
+        stop.restore()
+        metrics.close()
+    elapsed = time.perf_counter() - started
+    summary = {
+        "run_dir": str(run_dir),
+        "best_voc07_map": best_map if best_map >= 0 else None,
+        "last_voc07_map": last_map,
+        "global_step": state["global_step"],
+        "epochs_done": state["epoch"],
+        "interrupted": interrupted,
+        "wall_time_s": round(elapsed, 1),
+    }
+    if context.is_main:
+        logger.info("done: %s", json.dumps(summary))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(True)
+    try:
+        if args.resume:
+            # Exact resume needs the run's own config; overrides (e.g. more epochs) still apply on top.
+            cfg = config_from_dict(load_checkpoint(args.resume)["config"], args.overrides)
+            if args.config:
+                logger.info("resuming: using the config saved in %s, not %s", args.resume, args.config)
+        elif args.config:
+            cfg = load_config(args.config, args.overrides)
+        else:
+            raise ConfigError("give --config FILE (or --resume CHECKPOINT)")
+        summary = train(cfg, resume=args.resume, show_progress=not args.no_progress)
+    except (ConfigError, CheckpointError, NonFiniteLossError) as error:
+        logger.error("%s", error)
+        return 2
+    finally:
+        cleanup_distributed()
+    return 130 if summary["interrupted"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

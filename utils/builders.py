@@ -1,0 +1,179 @@
+"""Turn config sections into objects: records of a dataset, the model, the loss, the optimizer.
+
+Each function takes one config section (not the whole config) and calls the constructors directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from data.coco import load_coco
+from data.records import ImageRecord
+from data.synthetic import SHAPES_CLASSES, generate_shapes_dataset
+from data.voc import load_image_folder, load_vocdevkit
+from model.detector import TinyDetector
+from model.loss import MultiBoxLoss
+from utils.checkpoint import CheckpointError
+from utils.config import ConfigError, DataConfig, LossConfig, ModelConfig, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+SYNTHETIC_FOLDER = "SHAPES"
+
+
+def _existing_dir(value: str, key: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        raise ConfigError(f"config key '{key}': folder not found: {path}")
+    return path
+
+
+def _existing_file(value: str, key: str) -> Path:
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"config key '{key}': file not found: {path}")
+    return path
+
+
+def prepare_synthetic(data: DataConfig) -> None:
+    """Generate the built-in shapes dataset under `data.root` unless an identical one is already there."""
+    if data.format != "synthetic":
+        return
+    if list(data.classes) != list(SHAPES_CLASSES):
+        raise ConfigError(f"config key 'data.classes' must be {SHAPES_CLASSES} for the synthetic dataset")
+    synthetic = data.synthetic
+    generate_shapes_dataset(
+        data.root,
+        seed=synthetic.seed,
+        n_trainval=synthetic.n_trainval,
+        n_test=synthetic.n_test,
+        image_size=synthetic.image_size,
+    )
+
+
+def load_split_records(data: DataConfig, split: str) -> list[ImageRecord]:
+    """The records of the 'train' or 'test' split described by the data section."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    classes = list(data.classes)
+    cache_dir = Path(data.cache_dir)
+    if data.format in ("voc", "synthetic"):
+        root = Path(data.root) / "VOCdevkit" if data.format == "synthetic" else Path(data.root)
+        _existing_dir(str(root), "data.root")
+        if data.format == "synthetic":
+            sets = [(SYNTHETIC_FOLDER, "trainval" if split == "train" else "test")]
+        else:
+            sets = [tuple(pair) for pair in (data.train_sets if split == "train" else data.test_sets)]
+        return load_vocdevkit(
+            root, sets, classes, ignore_unknown=data.ignore_unknown_classes, cache_dir=cache_dir
+        )
+    if data.format == "folder":
+        root = _existing_dir(data.root, "data.root")
+        images_dir = _existing_dir(str(root / data.images_dir), "data.images_dir")
+        annotations_dir = _existing_dir(str(root / data.annotations_dir), "data.annotations_dir")
+        split_key = "data.train_split_file" if split == "train" else "data.test_split_file"
+        split_value = data.train_split_file if split == "train" else data.test_split_file
+        split_file = _existing_file(str(root / split_value), split_key) if split_value else None
+        return load_image_folder(
+            images_dir,
+            annotations_dir,
+            classes,
+            split_file=split_file,
+            split=split,
+            test_fraction=data.test_fraction,
+            seed=data.split_seed,
+            ignore_unknown=data.ignore_unknown_classes,
+            cache_dir=cache_dir,
+        )
+    # coco
+    prefix = "train" if split == "train" else "test"
+    images = _existing_dir(getattr(data, f"{prefix}_images"), f"data.{prefix}_images")
+    annotations = _existing_file(getattr(data, f"{prefix}_annotations"), f"data.{prefix}_annotations")
+    records, coco_classes = load_coco(images, annotations)
+    if list(coco_classes) != classes:
+        raise ConfigError(
+            f"config key 'data.classes' {classes} does not match the categories of {annotations}: {coco_classes}"
+        )
+    return records
+
+
+def score_activation(classification: str) -> str:
+    """How class logits become scores: a sigmoid focal loss trains independent per-class probabilities."""
+    return "sigmoid" if classification == "focal_sigmoid" else "softmax"
+
+
+def build_model(model: ModelConfig, n_object_classes: int, classification: str = "hard_negative") -> TinyDetector:
+    weights_path = model.weights_path
+    if weights_path is not None:
+        _existing_file(weights_path, "model.weights_path")
+    return TinyDetector(
+        n_object_classes + 1,
+        width_mult=model.width_mult,
+        batch_norm=model.batch_norm,
+        pretrained=model.pretrained,
+        weights_path=weights_path,
+        image_size=model.image_size,
+        scales=tuple(model.scales),
+        aspect_ratios=tuple(model.aspect_ratios),
+        variances=tuple(model.variances),
+        # Focal losses start from "everything is background" (p = 0.01) so the first steps are not
+        # swamped by the loss of thousands of easy negatives.
+        head_prior_prob=0.01 if classification.startswith("focal") else None,
+    )
+
+
+def build_criterion(loss: LossConfig, detector: TinyDetector) -> MultiBoxLoss:
+    return MultiBoxLoss(
+        detector.priors_cxcywh,
+        threshold=loss.threshold,
+        neg_pos_ratio=loss.neg_pos_ratio,
+        alpha=loss.alpha,
+        variances=tuple(detector.variances),
+        classification=loss.classification,
+        focal_gamma=loss.focal_gamma,
+        focal_alpha=loss.focal_alpha,
+    )
+
+
+def build_optimizer(train: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD or AdamW; biases and norm parameters get no weight decay (decaying them only hurts)."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim > 1 else no_decay).append(parameter)
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
+    return torch.optim.AdamW(groups, lr=train.lr)
+
+
+def detector_from_checkpoint(checkpoint: dict, path: str | Path, class_names: list[str] | None = None) -> TinyDetector:
+    """Rebuild the model a checkpoint was trained with and load its weights.
+
+    The architecture comes from the checkpoint's own config, so a checkpoint always loads into the model
+    that wrote it; `class_names`, when given, must equal the checkpoint's classes.
+    """
+    saved_classes = list(checkpoint.get("class_names", []))
+    if class_names is not None and saved_classes != list(class_names):
+        raise CheckpointError(
+            f"checkpoint {path} was trained for {len(saved_classes)} classes {saved_classes}, but the config "
+            f"lists {len(class_names)}: {list(class_names)}"
+        )
+    saved_model = ModelConfig(**checkpoint["config"]["model"])
+    saved_model.pretrained = False  # the checkpoint holds every weight
+    saved_model.weights_path = None
+    detector = build_model(saved_model, len(saved_classes), checkpoint["config"]["loss"]["classification"])
+    # The weight average is what training evaluated and selected best.pt by, so it is what gets used.
+    weights = checkpoint["ema"]["module"] if checkpoint.get("ema") else checkpoint["model"]
+    try:
+        detector.load_state_dict(weights)
+    except RuntimeError as error:
+        raise CheckpointError(f"checkpoint {path} does not fit the model it describes: {error}") from None
+    return detector

@@ -1,0 +1,309 @@
+"""The training step loop and the inference loop, as plain functions shared by train.py and eval.py."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from data.records import ImageRecord
+from utils.distributed import DistributedContext, all_gather_objects
+from utils.ema import ModelEMA
+from utils.voc_eval import ImageDetections, ImageGroundTruth
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stops and keeps the last good checkpoint."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"config key 'train.device' is {name!r} but CUDA is not available on this machine")
+    return device
+
+
+def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `train.amp`; None means full fp32."""
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp32":
+        return None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    if device.type == "cpu" and dtype is torch.float16:
+        raise RuntimeError("config key 'train.amp': fp16 autocast is CUDA-only; use bf16 on CPU")
+    return dtype
+
+
+def autocast_context(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    # A null context keeps the step code free of precision branches.
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+@dataclass
+class StepStats:
+    epoch: int
+    step: int  # global optimizer step, counted from 1
+    loss: float
+    localization: float
+    confidence: float
+    lr: float
+    images_per_s: float
+
+
+def move_targets(
+    boxes: list[torch.Tensor], labels: list[torch.Tensor], device: torch.device
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return (
+        [b.to(device, non_blocking=True) for b in boxes],
+        [lab.to(device, non_blocking=True) for lab in labels],
+    )
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    *,
+    epoch: int,
+    global_step: int,
+    total_batches: int,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    grad_clip_norm: float | None,
+    context: DistributedContext,
+    on_step: Callable[[StepStats], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    show_progress: bool = True,
+    ema: ModelEMA | None = None,
+) -> tuple[int, bool]:
+    """Run the optimizer over `loader` once; returns (global_step, stopped_early).
+
+    `on_step` sees every step's statistics (logging, periodic checkpoints); `should_stop` is polled after
+    each step so a signal handler can end the epoch at a step boundary with a consistent state.
+    """
+    model.train()
+    progress = tqdm(
+        total=total_batches, desc=f"epoch {epoch}", disable=not (context.is_main and show_progress),
+        dynamic_ncols=True, leave=False,
+    )
+    last_time = time.perf_counter()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for images, boxes, labels, _difficult in loader:
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        boxes, labels = move_targets(boxes, labels, device)
+        with autocast_context(device, amp_dtype):
+            locs, scores = model(images)
+        # The loss runs in fp32: log-softmax and the hard-negative ranking are sensitive to bf16 rounding.
+        loss = criterion(locs.float(), scores.float(), boxes, labels)
+        finite = torch.isfinite(loss.total.detach())
+        if context.enabled:
+            flag = finite.to(torch.float32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = flag.bool()
+        if not bool(finite):
+            raise NonFiniteLossError(
+                f"loss became {loss.total.item()} at epoch {epoch}, step {global_step + 1} "
+                f"(localization {loss.localization.item()}, confidence {loss.confidence.item()}); "
+                "lower train.lr, enable train.grad_clip_norm or check the data"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss.total).backward()
+        if grad_clip_norm is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        if ema is not None:
+            ema.update(model.module if hasattr(model, "module") else model)
+        global_step += 1
+
+        now = time.perf_counter()
+        images_per_s = images.shape[0] * context.world_size / max(now - last_time, 1e-9)
+        last_time = now
+        stats = StepStats(
+            epoch=epoch,
+            step=global_step,
+            loss=loss.total.item(),
+            localization=loss.localization.item(),
+            confidence=loss.confidence.item(),
+            lr=optimizer.param_groups[0]["lr"],
+            images_per_s=images_per_s,
+        )
+        progress.set_postfix(
+            loss=f"{stats.loss:.3f}", loc=f"{stats.localization:.3f}", conf=f"{stats.confidence:.3f}",
+            lr=f"{stats.lr:.2e}", img_s=f"{images_per_s:.1f}",
+        )  # fmt: skip
+        progress.update(1)
+        if on_step is not None:
+            on_step(stats)
+        if should_stop is not None and should_stop():
+            progress.close()
+            return global_step, True
+    progress.close()
+    return global_step, False
+
+
+def to_devkit_boxes(boxes_frac: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Fractional xyxy -> VOC devkit 1-based pixel boxes (x1 + 1, y1 + 1, x2, y2) of the continuous box."""
+    scale = np.array([width, height, width, height], dtype=np.float64)
+    pixels = boxes_frac.astype(np.float64) * scale
+    devkit = pixels.copy()
+    devkit[:, :2] += 1.0
+    # A box thinner than one pixel would come out inverted in the 1-based form; keep it a single pixel.
+    devkit[:, 2:] = np.maximum(devkit[:, 2:], devkit[:, :2])
+    return devkit
+
+
+def ground_truth_from_records(records: list[ImageRecord]) -> list[ImageGroundTruth]:
+    """Annotations in the devkit's 1-based pixel coordinates, difficult boxes included (the devkit ignores them)."""
+    ground_truth = []
+    for record in records:
+        boxes = record.boxes.astype(np.float64).copy()
+        boxes[:, :2] += 1.0
+        ground_truth.append(
+            ImageGroundTruth(
+                image_id=record.image_id,
+                boxes=boxes.reshape(-1, 4),
+                labels=record.labels.astype(np.int64),
+                difficult=record.difficult.astype(bool),
+                width=record.width,
+                height=record.height,
+            )
+        )
+    return ground_truth
+
+
+class _IndexedImages(torch.utils.data.Dataset):
+    """Yields (image, dataset index) so detections can be mapped back to their records."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, indices: list[int]) -> None:
+        self.dataset = dataset
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
+        index = self.indices[position]
+        return self.dataset[index][0], index
+
+
+def _collate_indexed(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    images, indices = zip(*batch, strict=True)
+    return torch.stack(images), torch.tensor(indices)
+
+
+@torch.inference_mode()
+def run_inference(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    records: list[ImageRecord],
+    device: torch.device,
+    *,
+    batch_size: int,
+    num_workers: int,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    min_score: float,
+    max_overlap: float,
+    top_k: int,
+    context: DistributedContext,
+    activation: str = "softmax",
+) -> list[ImageDetections]:
+    """Detections for every record (in record order) in devkit pixel coordinates.
+
+    Under distributed training each rank infers a strided shard and the shards are gathered on every rank.
+    """
+    detector = model.module if hasattr(model, "module") else model
+    was_training = detector.training
+    detector.eval()
+    shard = list(range(context.rank, len(records), context.world_size))
+    loader = torch.utils.data.DataLoader(
+        _IndexedImages(dataset, shard),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate_indexed,
+        pin_memory=device.type == "cuda",
+    )
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    shard_results: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+    for images, indices in tqdm(loader, desc="inference", disable=not context.is_main, leave=False):
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        with autocast_context(device, amp_dtype):
+            locs, scores = detector(images)
+        per_image = detector.detect_objects(
+            locs.float(), scores.float(), min_score=min_score, max_overlap=max_overlap, top_k=top_k,
+            activation=activation,
+        )
+        for index, found in zip(indices.tolist(), per_image, strict=True):
+            shard_results.append(
+                (index, found.boxes.cpu().numpy(), found.labels.cpu().numpy(), found.scores.cpu().numpy())
+            )
+    if was_training:
+        detector.train()
+
+    by_index = {}
+    for results in all_gather_objects(shard_results, context):
+        for index, boxes, labels, scores in results:
+            by_index[index] = (boxes, labels, scores)
+    detections = []
+    for index, record in enumerate(records):
+        boxes, labels, scores = by_index[index]
+        detections.append(
+            ImageDetections(
+                image_id=record.image_id,
+                boxes=to_devkit_boxes(boxes.reshape(-1, 4), record.width, record.height),
+                labels=labels.astype(np.int64),
+                scores=scores.astype(np.float64),
+            )
+        )
+    return detections
+
+
+def steps_lr_lambda(
+    *,
+    total_steps: int,
+    steps_per_epoch: int,
+    warmup_epochs: float,
+    schedule: str,
+    milestones: list[int],
+    gamma: float,
+    min_lr_ratio: float,
+) -> Callable[[int], float]:
+    """Learning-rate multiplier per optimizer step: linear warm-up, then multistep or cosine decay."""
+    warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+    milestone_steps = [m * steps_per_epoch for m in milestones]
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "multistep":
+            return gamma ** sum(step >= m for m in milestone_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * cosine
+
+    return factor

@@ -1,0 +1,62 @@
+"""Per-run metrics: a JSONL file (one record per logged step or evaluation) and TensorBoard when installed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class MetricsLogger:
+    """Appends to `<run_dir>/metrics.jsonl`; resumed runs keep adding to the same file."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            logger.info("tensorboard not installed: metrics go to %s only", self.path)
+        else:
+            self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def _append(self, record: dict[str, Any]) -> None:
+        record["time"] = round(time.time(), 3)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def log_train(self, stats: Any) -> None:
+        if not self.enabled:
+            return
+        record = {
+            "type": "train", "epoch": stats.epoch, "step": stats.step, "loss": stats.loss,
+            "localization": stats.localization, "confidence": stats.confidence, "lr": stats.lr,
+            "images_per_s": round(stats.images_per_s, 2),
+        }  # fmt: skip
+        self._append(record)
+        if self._writer is not None:
+            for key in ("loss", "localization", "confidence", "lr", "images_per_s"):
+                self._writer.add_scalar(f"train/{key}", record[key], stats.step)
+
+    def log_eval(self, *, epoch: int, step: int, result: Any) -> None:
+        if not self.enabled:
+            return
+        voc = result.voc
+        record = {"type": "eval", "epoch": epoch, "step": step, "voc07_map": voc.voc07_map, "voc12_map": voc.voc12_map}
+        self._append(record)
+        if self._writer is not None:
+            self._writer.add_scalar("eval/voc07_map", voc.voc07_map, step)
+            self._writer.add_scalar("eval/voc12_map", voc.voc12_map, step)
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
