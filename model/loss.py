@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
-from utils.boxes import cxcywh_to_xyxy, encode_boxes
+from utils.boxes import encode_boxes
 from utils.matching import TargetError, match_priors, pad_targets
 
 logger = logging.getLogger(__name__)
@@ -61,8 +61,10 @@ def score_activation_for(classification: str) -> str:
 def hard_negative_mask(neg_loss: Tensor, positive: Tensor, neg_pos_ratio: float) -> Tensor:
     """Select, per image, the ``neg_pos_ratio * n_pos`` negatives with the highest loss.
 
-    The count is capped by the image's number of negatives. Uses the two-sort ranking trick: sorting the
-    losses, then sorting the sort indices, gives each prior's rank within its image without a loop.
+    The count is capped by the image's number of negatives. One ``topk`` with the batch's largest count
+    ranks every image at once; each image then keeps the first ``n_neg_i`` of its ranked priors. (The
+    classic alternative, sorting the losses and then sorting the sort indices to get every prior's rank,
+    selects the same set but costs two full sorts.)
 
     Args:
         neg_loss: ``(N, P)`` per-prior classification loss (no gradient needed).
@@ -74,12 +76,16 @@ def hard_negative_mask(neg_loss: Tensor, positive: Tensor, neg_pos_ratio: float)
     """
     n_priors = positive.shape[1]
     n_pos = positive.sum(dim=1, keepdim=True)
-    n_neg = torch.minimum((n_pos * neg_pos_ratio).floor().long(), n_priors - n_pos)
-    # Positives rank last; a stable sort makes the choice among equal losses deterministic.
+    n_neg = torch.minimum((n_pos * neg_pos_ratio).floor().long(), n_priors - n_pos)  # (N, 1)
+    k_max = int(n_neg.max()) if n_neg.numel() else 0
+    mask = torch.zeros_like(positive)
+    if k_max == 0:
+        return mask
+    # Positives rank last, so the first n_neg_i ranked priors of an image are all negatives.
     ranked = neg_loss.detach().masked_fill(positive, -math.inf)
-    order = ranked.sort(dim=1, descending=True, stable=True).indices
-    rank = order.argsort(dim=1)
-    return rank < n_neg
+    order = ranked.topk(k_max, dim=1, sorted=True).indices  # (N, k_max)
+    keep = torch.arange(k_max, device=order.device) < n_neg
+    return mask.scatter_(1, order, keep)
 
 
 class MultiBoxLoss(nn.Module):
@@ -199,12 +205,11 @@ class MultiBoxLoss(nn.Module):
         n_pos = positive.sum()
         normalizer = n_pos.clamp(min=1).float()
 
-        # Negatives are encoded against their own prior (zero offsets) so every target is finite and no
-        # masked-out inf can leak a NaN into the gradient.
-        target_boxes = torch.where(positive[..., None], matches.boxes_xyxy, cxcywh_to_xyxy(priors))
-        target_locs = encode_boxes(target_boxes, priors, self.variances)
-        loc_per_prior = F.smooth_l1_loss(locs, target_locs, beta=1.0, reduction="none").sum(dim=-1)
-        loc_loss = (loc_per_prior * positive).sum() / normalizer
+        # Only positives have a localization target: encoding a few hundred matched boxes instead of
+        # every prior is cheaper, and never encodes a padded (zero-size, log 0) box.
+        image_idx, prior_idx = positive.nonzero(as_tuple=True)
+        target_locs = encode_boxes(matches.boxes_xyxy[image_idx, prior_idx], priors[prior_idx], self.variances)
+        loc_loss = F.smooth_l1_loss(locs[image_idx, prior_idx], target_locs, beta=1.0, reduction="sum") / normalizer
 
         if self.classification == "hard_negative":
             conf_loss = self._hard_negative_loss(scores, matches.labels, positive) / normalizer

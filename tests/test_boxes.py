@@ -4,8 +4,9 @@ import math
 
 import torch
 from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import box_iou
 
-from utils.boxes import cxcywh_to_xyxy, decode_boxes, encode_boxes, xyxy_to_cxcywh
+from utils.boxes import cxcywh_to_xyxy, decode_boxes, encode_boxes, pairwise_iou, xyxy_to_cxcywh
 
 
 def random_boxes(n, generator):
@@ -55,3 +56,18 @@ def test_decode_never_overflows():
     # width clamped at 0.2 * 1000 / 16 = 12.5; height underflows to 0
     assert math.isclose(float(boxes[0, 0, 2] - boxes[0, 0, 0]), 12.5, rel_tol=1e-5)
     assert float(boxes[0, 0, 3] - boxes[0, 0, 1]) == 0.0
+
+
+def test_pairwise_iou_equals_torchvision():
+    g = torch.Generator().manual_seed(2)
+    a, b = random_boxes(37, g), random_boxes(23, g)
+    a[0] = b[0]  # one identical pair: IoU exactly 1
+    iou = pairwise_iou(a, b)
+    assert iou.shape == (37, 23)
+    assert torch.allclose(iou, box_iou(a, b), atol=1e-6)
+    assert iou[0, 0] == 1.0
+    # hand-computed: half-overlapping unit squares -> 0.5 / 1.5; disjoint -> 0
+    squares = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    others = torch.tensor([[0.5, 0.0, 1.5, 1.0], [2.0, 2.0, 3.0, 3.0]])
+    assert torch.allclose(pairwise_iou(squares, others), torch.tensor([[1 / 3, 0.0]]))
+    assert pairwise_iou(torch.zeros(0, 4), b).shape == (0, 23)

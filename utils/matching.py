@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from utils.boxes import box_iou, cxcywh_to_xyxy
+from utils.boxes import cxcywh_to_xyxy, pairwise_iou
 
 logger = logging.getLogger(__name__)
 
@@ -120,21 +120,33 @@ def match_priors(gt_boxes_xyxy: Tensor, gt_labels: Tensor, valid: Tensor, priors
     n_priors = priors_cxcywh.shape[0]
     priors_xyxy = cxcywh_to_xyxy(priors_cxcywh)
 
-    iou = box_iou(gt_boxes_xyxy.reshape(-1, 4), priors_xyxy).reshape(n_images, max_boxes, n_priors)
-    # -1 is below any real IoU, so padding never wins a prior nor is a prior's best box.
-    iou = iou.masked_fill(~valid[..., None], -1.0)
-
+    # IoU of the real boxes only (padding can be half the slots); padded rows stay at -1, below any real
+    # IoU, so padding never wins a prior nor is a prior's best box.
+    real_iou = pairwise_iou(gt_boxes_xyxy[valid], priors_xyxy)  # (B, P), B = number of real boxes
+    iou = real_iou.new_full((n_images, max_boxes, n_priors), -1.0)
+    iou[valid] = real_iou
     prior_iou, prior_gt = iou.max(dim=1)  # (N, P): best box of each prior (first index on ties)
-    gt_best_prior = iou.argmax(dim=2)  # (N, M): best prior of each box (first index on ties)
 
-    # claims[n, m, p]: box m of image n claims prior p. Among claimants, argmax over m of the claim IoU
-    # picks the highest IoU, and the lowest box index on equal IoU (argmax returns the first maximum).
-    claims = torch.zeros_like(valid[..., None].expand(-1, -1, n_priors))
-    claims.scatter_(2, gt_best_prior[..., None], valid[..., None])
-    forced = claims.any(dim=1)
-    claim_winner = torch.where(claims, iou, iou.new_tensor(-2.0)).argmax(dim=1)  # (N, P)
+    # Best prior of each real box (first index on ties); padding gets prior 0 with a claim IoU of -3.
+    real_best_iou, real_best_prior = real_iou.max(dim=1)
+    gt_iou = real_iou.new_full((n_images, max_boxes), -3.0)
+    gt_iou[valid] = real_best_iou
+    gt_best_prior = torch.zeros_like(gt_labels)
+    gt_best_prior[valid] = real_best_prior
 
-    gt_index = torch.where(forced, claim_winner, prior_gt)
+    # Resolve the claims on the (N, M) claims themselves, not on an (N, M, P) tensor: per claimed prior,
+    # the highest claim IoU, then the lowest box index among the claimants reaching it.
+    flat_prior = (torch.arange(n_images, device=iou.device)[:, None] * n_priors + gt_best_prior).reshape(-1)
+    claim_iou = gt_iou.reshape(-1)
+    best_claim = iou.new_full((n_images * n_priors,), -2.0)
+    best_claim.scatter_reduce_(0, flat_prior, claim_iou, reduce="amax")
+    box_index = torch.arange(max_boxes, device=iou.device).expand(n_images, max_boxes).reshape(-1)
+    is_winner = claim_iou == best_claim[flat_prior]
+    winner = torch.full_like(best_claim, max_boxes, dtype=torch.long)
+    winner.scatter_reduce_(0, flat_prior, box_index.masked_fill(~is_winner, max_boxes), reduce="amin")
+    forced = (best_claim > -1.5).view(n_images, n_priors)
+    gt_index = torch.where(forced, winner.view(n_images, n_priors), prior_gt)
+
     positive = forced | (prior_iou >= threshold)
     labels = torch.where(positive, gt_labels.gather(1, gt_index), torch.zeros_like(gt_index))
     boxes = gt_boxes_xyxy.gather(1, gt_index[..., None].expand(-1, -1, 4))
