@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import signal
@@ -40,6 +41,7 @@ from utils.checkpoint import (
 )
 from utils.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, save_config
 from utils.distributed import (
+    all_gather_objects,
     broadcast_object,
     cleanup_distributed,
     init_distributed,
@@ -158,6 +160,14 @@ def checkpoint_state(
         "config": config_to_dict(cfg),
         "class_names": list(cfg.data.classes),
     }
+
+
+def weights_checksum(model: torch.nn.Module) -> str:
+    """A hash of the trainable weights (BN running statistics are per-rank until the next broadcast)."""
+    digest = hashlib.sha256()
+    for tensor in model.parameters():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def setup_logging(is_main: bool) -> None:
@@ -353,8 +363,12 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         stop.restore()
         metrics.close()
     elapsed = time.perf_counter() - started
+    # Every rank reports a hash of its weights: DDP must keep them bit-identical, and this proves it.
+    checksums = all_gather_objects(weights_checksum(model), context)
     summary = {
         "run_dir": str(run_dir),
+        "world_size": context.world_size,
+        "rank_weight_checksums": checksums,
         "best_voc07_map": best_map if best_map >= 0 else None,
         "last_voc07_map": last_map,
         "global_step": state["global_step"],
@@ -363,7 +377,10 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         "wall_time_s": round(elapsed, 1),
     }
     if context.is_main:
-        logger.info("done: %s", json.dumps(summary))
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        logger.info("done: %s", json.dumps({k: v for k, v in summary.items() if k != "rank_weight_checksums"}))
+        if len(set(checksums)) != 1:
+            logger.error("ranks ended with different weights: %s", checksums)
     return summary
 
 

@@ -1,0 +1,176 @@
+"""train.py end to end on tiny data: exact resume, interruption, NaN guard, metrics, multi-process DDP."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train as train_module
+from tests.train_helpers import REPO, state_dicts_equal, tiny_config, tiny_overrides
+from utils.checkpoint import load_checkpoint
+from utils.config import load_config
+
+
+def run_dir(cfg):
+    return os.path.join(cfg.run.output_dir, cfg.run.name)
+
+
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+def crash_at_loss_call(monkeypatch, call_number, make_output=None):
+    """Make the criterion built by train.py fail (or return `make_output(out)`) at its N-th call."""
+    real_build = train_module.build_criterion
+
+    def build(loss_cfg, detector):
+        criterion = real_build(loss_cfg, detector)
+        calls = {"n": 0}
+        real_forward = criterion.forward
+
+        def forward(*args):
+            calls["n"] += 1
+            out = real_forward(*args)
+            if calls["n"] == call_number:
+                if make_output is None:
+                    raise SimulatedCrash("power cut")
+                return make_output(out)
+            return out
+
+        criterion.forward = forward
+        return criterion
+
+    monkeypatch.setattr(train_module, "build_criterion", build)
+
+
+def test_same_seed_same_weights_and_exact_resume(tmp_path, monkeypatch):
+    straight = tiny_config(tmp_path, name="straight", epochs=2)
+    summary = train_module.train(straight, show_progress=False)
+    assert summary["epochs_done"] == 2 and summary["global_step"] == 6  # 12 images / batch 4 = 3 steps
+    weights_straight = load_checkpoint(os.path.join(run_dir(straight), "last.pt"))["model"]
+
+    again = tiny_config(tmp_path, name="again", epochs=2)
+    train_module.train(again, show_progress=False)
+    assert state_dicts_equal(load_checkpoint(os.path.join(run_dir(again), "last.pt"))["model"], weights_straight)
+
+    # The same 2-epoch run dies during epoch 2; its last.pt is the end of epoch 1.
+    crashed = tiny_config(tmp_path, name="crashed", epochs=2)
+    crash_at_loss_call(monkeypatch, call_number=5)
+    with pytest.raises(SimulatedCrash):
+        train_module.train(crashed, show_progress=False)
+    monkeypatch.undo()
+    last = os.path.join(run_dir(crashed), "last.pt")
+    checkpoint = load_checkpoint(last)
+    assert (checkpoint["epoch"], checkpoint["batches_done"], checkpoint["global_step"]) == (1, 0, 3)
+    assert not state_dicts_equal(checkpoint["model"], weights_straight)
+    assert train_module.main(["--resume", last, "--no-progress"]) == 0
+    assert state_dicts_equal(load_checkpoint(last)["model"], weights_straight)
+
+
+def test_interrupt_mid_epoch_then_resume_is_exact(tmp_path, monkeypatch):
+    straight = tiny_config(tmp_path, name="straight", epochs=2)
+    train_module.train(straight, show_progress=False)
+    expected = load_checkpoint(os.path.join(run_dir(straight), "last.pt"))["model"]
+
+    polls = {"n": 0}
+
+    def stop_after_four_steps(self):
+        # Polled after each step and once after each epoch: polls 1-3 are epoch 1's steps, 4 its end,
+        # 5 the first step of epoch 2.
+        polls["n"] += 1
+        return polls["n"] >= 5
+
+    monkeypatch.setattr(train_module.StopRequest, "__call__", stop_after_four_steps)
+    cfg = tiny_config(tmp_path, name="interrupted", epochs=2)
+    summary = train_module.train(cfg, show_progress=False)
+    assert summary["interrupted"] and summary["global_step"] == 4
+    last = os.path.join(run_dir(cfg), "last.pt")
+    checkpoint = load_checkpoint(last)
+    assert (checkpoint["epoch"], checkpoint["batches_done"], checkpoint["global_step"]) == (1, 1, 4)
+    monkeypatch.undo()
+    assert train_module.main(["--resume", last, "--no-progress"]) == 0
+    assert state_dicts_equal(load_checkpoint(last)["model"], expected)
+
+
+def test_resume_restores_optimizer_and_schedule(tmp_path):
+    cfg = tiny_config(tmp_path, name="opt", epochs=1)
+    train_module.train(cfg, show_progress=False)
+    checkpoint = load_checkpoint(os.path.join(run_dir(cfg), "last.pt"))
+    assert checkpoint["scheduler"]["last_epoch"] == 3
+    lrs = [group["lr"] for group in checkpoint["optimizer"]["param_groups"]]
+    assert lrs[0] != cfg.train.lr  # the cosine schedule moved it; resume must bring this value back
+    assert checkpoint["config"]["train"]["epochs"] == 1 and checkpoint["class_names"] == list(cfg.data.classes)
+
+
+def test_metrics_log_and_resolved_config_are_written(tmp_path):
+    cfg = tiny_config(tmp_path, name="logged", epochs=2)
+    summary = train_module.train(cfg, show_progress=False)
+    folder = run_dir(cfg)
+    records = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+    train_records = [r for r in records if r["type"] == "train"]
+    eval_records = [r for r in records if r["type"] == "eval"]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4, 5, 6]
+    assert all({"loss", "localization", "confidence", "lr", "images_per_s"} <= r.keys() for r in train_records)
+    assert [r["epoch"] for r in eval_records] == [1, 2]
+    assert summary["best_voc07_map"] == max(r["voc07_map"] for r in eval_records)
+    saved = load_config(os.path.join(folder, "config.yaml"))
+    assert saved.train.epochs == 2 and saved.model.width_mult == 0.0625
+    best = load_checkpoint(os.path.join(folder, "best.pt"))
+    assert best["best_map"] == summary["best_voc07_map"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, name="nan", epochs=2)
+    crash_at_loss_call(monkeypatch, call_number=5, make_output=lambda out: out._replace(total=out.total * float("nan")))
+    with pytest.raises(train_module.NonFiniteLossError, match=r"loss became nan at epoch 2, step 5"):
+        train_module.train(cfg, show_progress=False)
+    checkpoint = load_checkpoint(os.path.join(run_dir(cfg), "last.pt"))
+    assert (checkpoint["epoch"], checkpoint["batches_done"]) == (1, 0)
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+def test_cli_reports_config_errors_by_key(capfd):
+    code = train_module.main(["--config", str(REPO / "configs" / "demo.yaml"), "train.epochz=2"])
+    assert code == 2
+    assert "unknown config key 'train.epochz'" in capfd.readouterr().err
+
+
+def test_sigterm_saves_last_checkpoint(tmp_path):
+    overrides = tiny_overrides(tmp_path, name="sig", epochs=200) + ["train.eval_every_epochs=0"]
+    process = subprocess.Popen(
+        [sys.executable, "train.py", "--config", "configs/demo.yaml", "--no-progress", *overrides],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    metrics = tmp_path / "runs" / "sig" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    assert "SIGTERM received" in output
+    checkpoint = load_checkpoint(tmp_path / "runs" / "sig" / "last.pt")
+    assert checkpoint["global_step"] >= 2
+    assert checkpoint["epoch"] * 3 + checkpoint["batches_done"] == checkpoint["global_step"]
+
+
+def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
+    overrides = tiny_overrides(tmp_path, name="ddp", epochs=2) + ["train.batch_size=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "train.py", "--config", "configs/demo.yaml", "--no-progress", *overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert len(summary["rank_weight_checksums"]) == 2
+    assert summary["rank_weight_checksums"][0] == summary["rank_weight_checksums"][1]
+    assert summary["global_step"] == 6  # 12 images / (2 ranks x batch 2) = 3 steps per epoch
+    assert summary["best_voc07_map"] is not None
