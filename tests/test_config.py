@@ -2,7 +2,15 @@
 
 import pytest
 
-from utils.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, parse_overrides, save_config
+from utils.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    parse_overrides,
+    save_config,
+)
 
 
 def write(tmp_path, text, name="run.yaml"):

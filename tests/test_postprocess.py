@@ -6,6 +6,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
+import utils.postprocess as postprocess
 from model.priors import create_prior_boxes
 from utils.boxes import cxcywh_to_xyxy, decode_boxes
 from utils.postprocess import PostprocessError, detect_objects
@@ -115,6 +116,32 @@ def test_equals_naive_nms_on_random_boxes(activation, top_k):
     assert dets[0].boxes.shape[0] > 0
 
 
+@pytest.mark.parametrize(("candidates_per_image", "nms_calls"), [(7, 2), (9, 1), (30, 1), (100_000, 1)])
+def test_candidate_limit_never_changes_the_result(monkeypatch, candidates_per_image, nms_calls):
+    # top_k 7: with a limit of 7, two of the six images keep fewer than 7 survivors and are rerun on all
+    # their candidates (a second NMS pass); 9 and 30 are enough; 100 000 is no limit at all.
+    calls = []
+    original = postprocess._batched_class_nms
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(postprocess, "_batched_class_nms", counting)
+    g = torch.Generator().manual_seed(4)
+    priors = create_prior_boxes()
+    locs = torch.randn(6, 441, 4, generator=g) * 0.3
+    scores = torch.randn(6, 441, 4, generator=g)
+    dets = detect_objects(locs, scores, priors, top_k=7, candidates_per_image=candidates_per_image)
+    expected = naive_detect_objects(locs, scores, priors, top_k=7)
+    assert len(calls) == nms_calls
+    for det, (boxes, labels, scores_) in zip(dets, expected, strict=True):
+        assert det.labels.tolist() == labels.tolist()
+        assert torch.allclose(det.scores, scores_, atol=1e-6)
+        assert torch.allclose(det.boxes, boxes, atol=1e-6)
+        assert len(det.labels) == 7
+
+
 def test_bad_inputs():
     locs, scores, priors = hand_case()
     with pytest.raises(PostprocessError, match="priors_cxcywh"):
@@ -123,3 +150,5 @@ def test_bad_inputs():
         detect_objects(locs, scores, priors, activation="relu")
     with pytest.raises(PostprocessError, match="top_k"):
         detect_objects(locs, scores, priors, top_k=0)
+    with pytest.raises(PostprocessError, match="candidates_per_image"):
+        detect_objects(locs, scores, priors, top_k=5, candidates_per_image=4)

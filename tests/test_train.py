@@ -111,7 +111,8 @@ def test_metrics_log_and_resolved_config_are_written(tmp_path):
     cfg = tiny_config(tmp_path, name="logged", epochs=2)
     summary = train_module.train(cfg, show_progress=False)
     folder = run_dir(cfg)
-    records = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+    with open(os.path.join(folder, "metrics.jsonl")) as handle:
+        records = [json.loads(line) for line in handle]
     train_records = [r for r in records if r["type"] == "train"]
     eval_records = [r for r in records if r["type"] == "eval"]
     assert [r["step"] for r in train_records] == [1, 2, 3, 4, 5, 6]

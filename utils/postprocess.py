@@ -37,13 +37,18 @@ class Detections(NamedTuple):
 
 def detect_objects(locs: Tensor, scores: Tensor, priors_cxcywh: Tensor, *, min_score: float = 0.01,
                    max_overlap: float = 0.45, top_k: int = 200, variances: Sequence[float] = (0.1, 0.2),
-                   activation: str = "softmax") -> list[Detections]:
+                   activation: str = "softmax", candidates_per_image: int | None = None) -> list[Detections]:
     """Detections of a batch from the head's raw outputs.
 
     Every (prior, object class) pair whose score is above ``min_score`` is a candidate; candidates go
     through class-wise NMS (IoU > ``max_overlap`` suppresses the lower score) and the ``top_k`` best of
     each image are kept. The whole batch goes through a single ``torchvision.ops.batched_nms`` call,
     grouped by ``image * C + class`` so images and classes never suppress each other.
+
+    NMS only runs on each image's ``candidates_per_image`` best candidates. This never changes the result:
+    a candidate is suppressed only by higher-scored ones, so the kept status of the best candidates does
+    not depend on the rest, and once ``top_k`` of them survive, no lower-scored candidate can enter the
+    top ``top_k``. An image where fewer survive goes through NMS again with all its candidates.
 
     Args:
         locs: ``(N, P, 4)`` predicted offsets.
@@ -55,6 +60,8 @@ def detect_objects(locs: Tensor, scores: Tensor, priors_cxcywh: Tensor, *, min_s
         variances: box coding variances.
         activation: ``"softmax"`` over all C columns, or ``"sigmoid"`` on columns 1..C-1 (for a model
             trained with sigmoid focal loss, see :func:`model.loss.score_activation_for`).
+        candidates_per_image: speed setting only (default ``5 * top_k``): an untrained model puts nearly
+            all ``P * (C - 1)`` pairs above ``min_score``, and NMS cost grows with the candidate count.
 
     Returns:
         ``N`` :class:`Detections`; an image with no candidate gets empty tensors.
@@ -69,20 +76,37 @@ def detect_objects(locs: Tensor, scores: Tensor, priors_cxcywh: Tensor, *, min_s
         raise PostprocessError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
     if top_k < 1:
         raise PostprocessError(f"top_k must be >= 1, got {top_k!r}")
+    if candidates_per_image is None:
+        candidates_per_image = 5 * top_k
+    if candidates_per_image < top_k:
+        raise PostprocessError(f"candidates_per_image must be >= top_k={top_k}, got {candidates_per_image!r}")
 
     n_images, _, n_classes = scores.shape
     scores = scores.float()
     class_scores = scores.softmax(dim=-1)[..., 1:] if activation == "softmax" else scores[..., 1:].sigmoid()
     boxes = decode_boxes(locs.float(), priors_cxcywh.float(), variances).clamp_(0.0, 1.0)  # (N, P, 4)
+    pair_scores = class_scores.reshape(n_images, -1)  # (N, P * (C - 1)), pair index = prior * (C-1) + class
 
-    # All candidates of the batch as flat (image, prior, class) triples.
-    image_idx, prior_idx, class_idx = (class_scores > min_score).nonzero(as_tuple=True)
-    cand_scores = class_scores[image_idx, prior_idx, class_idx]
-    cand_boxes = boxes[image_idx, prior_idx]
-    keep = batched_nms(cand_boxes, cand_scores, image_idx * n_classes + class_idx, max_overlap)
+    limit = min(candidates_per_image, pair_scores.shape[1])
+    image_idx, pair_idx, keep, kept_per_image = _batched_class_nms(pair_scores, boxes, limit, min_score,
+                                                                   max_overlap, n_classes)
+    n_candidates = (pair_scores > min_score).sum(dim=1)
+    redo = (kept_per_image < top_k) & (n_candidates > limit)
+    if bool(redo.any()):
+        # Rare: too many of the best candidates were suppressed. Rerun those images on every candidate.
+        redo_images = redo.nonzero().squeeze(1)
+        r_image, r_pair, r_keep, _ = _batched_class_nms(pair_scores[redo_images], boxes[redo_images],
+                                                         pair_scores.shape[1], min_score, max_overlap, n_classes)
+        first = ~redo[image_idx[keep]]
+        image_idx = torch.cat([image_idx[keep[first]], redo_images[r_image[r_keep]]])
+        pair_idx = torch.cat([pair_idx[keep[first]], r_pair[r_keep]])
+        pair_score = pair_scores[image_idx, pair_idx]
+        keep = pair_score.argsort(descending=True, stable=True)
+    else:
+        pair_score = pair_scores[image_idx, pair_idx]
 
-    # batched_nms returns indices by decreasing score; a stable sort by image keeps that order within
-    # each image, so a detection's rank in its image is its position minus the image's start.
+    # keep is ordered by decreasing score; a stable sort by image keeps that order within each image, so
+    # a detection's rank in its image is its position minus the image's start.
     keep = keep[torch.sort(image_idx[keep], stable=True).indices]
     kept_images = image_idx[keep]
     counts = torch.bincount(kept_images, minlength=n_images)
@@ -91,10 +115,33 @@ def detect_objects(locs: Tensor, scores: Tensor, priors_cxcywh: Tensor, *, min_s
     keep = keep[rank < top_k]
     counts = counts.clamp(max=top_k).tolist()
 
+    image_idx, pair_idx = image_idx[keep], pair_idx[keep]
     split = zip(
-        cand_boxes[keep].split(counts),
-        (class_idx[keep] + 1).split(counts),
-        cand_scores[keep].split(counts),
+        boxes[image_idx, pair_idx // (n_classes - 1)].split(counts),
+        (pair_idx % (n_classes - 1) + 1).split(counts),
+        pair_score[keep].split(counts),
         strict=True,
     )
     return [Detections(boxes=b, labels=lab, scores=s) for b, lab, s in split]
+
+
+def _batched_class_nms(pair_scores: Tensor, boxes: Tensor, limit: int, min_score: float, max_overlap: float,
+                       n_classes: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Class-wise NMS of each image's ``limit`` best (prior, class) pairs above ``min_score``.
+
+    Args:
+        pair_scores: ``(N, P * (C - 1))``.
+        boxes: ``(N, P, 4)`` decoded boxes.
+
+    Returns:
+        ``(image_idx (K,), pair_idx (K,), keep (k,), kept_per_image (N,))``: the candidates, the indices of
+        the survivors among them by decreasing score, and the number of survivors of each image.
+    """
+    top_scores, top_pairs = pair_scores.topk(limit, dim=1)  # (N, limit), sorted
+    image_idx, rank = (top_scores > min_score).nonzero(as_tuple=True)
+    pair_idx = top_pairs[image_idx, rank]
+    cand_boxes = boxes[image_idx, pair_idx // (n_classes - 1)]
+    groups = image_idx * n_classes + pair_idx % (n_classes - 1)
+    keep = batched_nms(cand_boxes, top_scores[image_idx, rank], groups, max_overlap)
+    kept_per_image = torch.bincount(image_idx[keep], minlength=pair_scores.shape[0])
+    return image_idx, pair_idx, keep, kept_per_image
