@@ -142,6 +142,24 @@ def test_candidate_limit_never_changes_the_result(monkeypatch, candidates_per_im
         assert len(det.labels) == 7
 
 
+def test_reruns_grow_until_every_candidate_is_seen(monkeypatch):
+    # 100 identical priors: one survivor per class, so 3 < top_k survivors whatever the limit. The limit
+    # grows 7 -> 28 -> 112 -> 300 (all pairs): four NMS passes, and the best box of each class comes out.
+    calls = []
+    original = postprocess._batched_class_nms
+    monkeypatch.setattr(postprocess, "_batched_class_nms", lambda *a: calls.append(a[2]) or original(*a))
+    g = torch.Generator().manual_seed(5)
+    priors = torch.tensor([[0.5, 0.5, 0.3, 0.3]]).expand(100, 4)
+    scores = torch.randn(2, 100, 4, generator=g)
+    dets = detect_objects(torch.zeros(2, 100, 4), scores, priors, top_k=7, candidates_per_image=7)
+    assert calls == [7, 28, 112, 300]
+    expected = naive_detect_objects(torch.zeros(2, 100, 4), scores, priors, top_k=7)
+    for det, (_, labels, scores_) in zip(dets, expected, strict=True):
+        assert sorted(det.labels.tolist()) == [1, 2, 3]
+        assert det.labels.tolist() == labels.tolist()
+        assert torch.allclose(det.scores, scores_)
+
+
 def test_bad_inputs():
     locs, scores, priors = hand_case()
     with pytest.raises(PostprocessError, match="priors_cxcywh"):

@@ -48,7 +48,7 @@ def detect_objects(locs: Tensor, scores: Tensor, priors_cxcywh: Tensor, *, min_s
     NMS only runs on each image's ``candidates_per_image`` best candidates. This never changes the result:
     a candidate is suppressed only by higher-scored ones, so the kept status of the best candidates does
     not depend on the rest, and once ``top_k`` of them survive, no lower-scored candidate can enter the
-    top ``top_k``. An image where fewer survive goes through NMS again with all its candidates.
+    top ``top_k``. An image where fewer survive goes through NMS again on 4x more candidates.
 
     Args:
         locs: ``(N, P, 4)`` predicted offsets.
@@ -60,16 +60,20 @@ def detect_objects(locs: Tensor, scores: Tensor, priors_cxcywh: Tensor, *, min_s
         variances: box coding variances.
         activation: ``"softmax"`` over all C columns, or ``"sigmoid"`` on columns 1..C-1 (for a model
             trained with sigmoid focal loss, see :func:`model.loss.score_activation_for`).
-        candidates_per_image: speed setting only (default ``5 * top_k``): an untrained model puts nearly
+        candidates_per_image: speed setting only (default ``2 * top_k``): an untrained model puts nearly
             all ``P * (C - 1)`` pairs above ``min_score``, and NMS cost grows with the candidate count.
 
     Returns:
         ``N`` :class:`Detections`; an image with no candidate gets empty tensors.
     """
     if locs.dim() != 3 or locs.shape[2] != 4 or scores.dim() != 3 or scores.shape[:2] != locs.shape[:2]:
-        raise PostprocessError(f"need locs (N, P, 4) and scores (N, P, C), got {tuple(locs.shape)} and {tuple(scores.shape)}")
+        raise PostprocessError(
+            f"need locs (N, P, 4) and scores (N, P, C), got {tuple(locs.shape)} and {tuple(scores.shape)}"
+        )
     if priors_cxcywh.shape != (locs.shape[1], 4):
-        raise PostprocessError(f"priors_cxcywh must be ({locs.shape[1]}, 4) to match locs, got {tuple(priors_cxcywh.shape)}")
+        raise PostprocessError(
+            f"priors_cxcywh must be ({locs.shape[1]}, 4) to match locs, got {tuple(priors_cxcywh.shape)}"
+        )
     if scores.shape[2] < 2:
         raise PostprocessError(f"scores need >= 2 columns (background + classes), got {scores.shape[2]}")
     if activation not in ("softmax", "sigmoid"):
@@ -77,7 +81,7 @@ def detect_objects(locs: Tensor, scores: Tensor, priors_cxcywh: Tensor, *, min_s
     if top_k < 1:
         raise PostprocessError(f"top_k must be >= 1, got {top_k!r}")
     if candidates_per_image is None:
-        candidates_per_image = 5 * top_k
+        candidates_per_image = 2 * top_k
     if candidates_per_image < top_k:
         raise PostprocessError(f"candidates_per_image must be >= top_k={top_k}, got {candidates_per_image!r}")
 
@@ -87,23 +91,29 @@ def detect_objects(locs: Tensor, scores: Tensor, priors_cxcywh: Tensor, *, min_s
     boxes = decode_boxes(locs.float(), priors_cxcywh.float(), variances).clamp_(0.0, 1.0)  # (N, P, 4)
     pair_scores = class_scores.reshape(n_images, -1)  # (N, P * (C - 1)), pair index = prior * (C-1) + class
 
+    n_candidates = (pair_scores > min_score).sum(dim=1)
     limit = min(candidates_per_image, pair_scores.shape[1])
     image_idx, pair_idx, keep, kept_per_image = _batched_class_nms(pair_scores, boxes, limit, min_score,
                                                                    max_overlap, n_classes)
-    n_candidates = (pair_scores > min_score).sum(dim=1)
     redo = (kept_per_image < top_k) & (n_candidates > limit)
     if bool(redo.any()):
-        # Rare: too many of the best candidates were suppressed. Rerun those images on every candidate.
-        redo_images = redo.nonzero().squeeze(1)
-        r_image, r_pair, r_keep, _ = _batched_class_nms(pair_scores[redo_images], boxes[redo_images],
-                                                         pair_scores.shape[1], min_score, max_overlap, n_classes)
-        first = ~redo[image_idx[keep]]
-        image_idx = torch.cat([image_idx[keep[first]], redo_images[r_image[r_keep]]])
-        pair_idx = torch.cat([pair_idx[keep[first]], r_pair[r_keep]])
-        pair_score = pair_scores[image_idx, pair_idx]
-        keep = pair_score.argsort(descending=True, stable=True)
-    else:
-        pair_score = pair_scores[image_idx, pair_idx]
+        # Too many of the best candidates were suppressed in some images: rerun those on 4x more
+        # candidates until each has top_k survivors or ran on all its candidates (a few passes at most).
+        settled = keep[~redo[image_idx[keep]]]
+        final_image, final_pair = [image_idx[settled]], [pair_idx[settled]]
+        while bool(redo.any()):
+            limit = min(4 * limit, pair_scores.shape[1])
+            images = redo.nonzero().squeeze(1)
+            r_image, r_pair, r_keep, r_kept = _batched_class_nms(pair_scores[images], boxes[images], limit,
+                                                                 min_score, max_overlap, n_classes)
+            again = (r_kept < top_k) & (n_candidates[images] > limit)
+            done = ~again[r_image[r_keep]]
+            final_image.append(images[r_image[r_keep][done]])
+            final_pair.append(r_pair[r_keep][done])
+            redo = torch.zeros_like(redo).index_fill_(0, images[again], True)
+        image_idx, pair_idx = torch.cat(final_image), torch.cat(final_pair)
+        keep = pair_scores[image_idx, pair_idx].argsort(descending=True, stable=True)
+    pair_score = pair_scores[image_idx, pair_idx]
 
     # keep is ordered by decreasing score; a stable sort by image keeps that order within each image, so
     # a detection's rank in its image is its position minus the image's start.
