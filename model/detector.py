@@ -48,7 +48,9 @@ class TinyDetector(nn.Module):
                  variances: Sequence[float] = (0.1, 0.2), head_prior_prob: float | None = None) -> None:
         super().__init__()
         if not isinstance(n_classes, int) or n_classes < 2:
-            raise ModelConfigError(f"n_classes counts background and must be an integer >= 2, got {n_classes!r}")
+            raise ModelConfigError(
+                f"n_classes counts background and must be an integer >= 2, got {n_classes!r}"
+            )
         if not (isinstance(width_mult, (int, float)) and width_mult > 0):
             raise ModelConfigError(f"width_mult must be > 0, got {width_mult!r}")
         if (pretrained or weights_path is not None) and width_mult != 1.0:
@@ -109,7 +111,7 @@ class TinyDetector(nn.Module):
         return self.predict(self.base(images))
 
     def predict(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """Apply the prediction convs to the base's ``(N, c, g, g)`` feature map; returns as :meth:`forward`."""
+        """Prediction convs on the base's ``(N, c, g, g)`` feature map; outputs as :meth:`forward`."""
         n = features.shape[0]
         # NCHW -> NHWC puts the channels of one cell together: (row, column, prior slot, value) is the
         # order of create_prior_boxes. reshape, not view: the permuted tensor is not contiguous in NCHW.
@@ -119,6 +121,6 @@ class TinyDetector(nn.Module):
 
     def detect_objects(self, locs: Tensor, scores: Tensor, min_score: float = 0.01, max_overlap: float = 0.45,
                        top_k: int = 200, activation: str = "softmax") -> list[Detections]:
-        """Per-image detections from :meth:`forward`'s outputs (see :func:`utils.postprocess.detect_objects`)."""
+        """Per-image detections from :meth:`forward`'s outputs (:func:`utils.postprocess.detect_objects`)."""
         return detect_objects(locs, scores, self.priors_cxcywh, min_score=min_score, max_overlap=max_overlap,
                               top_k=top_k, variances=self.variances, activation=activation)

@@ -110,18 +110,24 @@ class MultiBoxLoss(nn.Module):
                  ignore_threshold: float = 0.4) -> None:
         super().__init__()
         if priors_cxcywh.dim() != 2 or priors_cxcywh.shape[1] != 4 or priors_cxcywh.shape[0] == 0:
-            raise LossInputError(f"priors_cxcywh must be a non-empty (P, 4) tensor, got {tuple(priors_cxcywh.shape)}")
+            raise LossInputError(
+                f"priors_cxcywh must be a non-empty (P, 4) tensor, got {tuple(priors_cxcywh.shape)}"
+            )
         score_activation_for(classification)  # validates the name
         if not 0.0 < threshold <= 1.0:
             raise LossInputError(f"threshold must be in (0, 1], got {threshold!r}")
         if not 0.0 <= ignore_threshold <= threshold:
-            raise LossInputError(f"ignore_threshold must be in [0, threshold={threshold}], got {ignore_threshold!r}")
+            raise LossInputError(
+                f"ignore_threshold must be in [0, threshold={threshold}], got {ignore_threshold!r}"
+            )
         if neg_pos_ratio < 0:
             raise LossInputError(f"neg_pos_ratio must be >= 0, got {neg_pos_ratio!r}")
         if alpha < 0:
             raise LossInputError(f"alpha must be >= 0, got {alpha!r}")
         if focal_gamma < 0 or not 0.0 <= focal_alpha <= 1.0:
-            raise LossInputError(f"need focal_gamma >= 0 and focal_alpha in [0, 1], got {focal_gamma!r}, {focal_alpha!r}")
+            raise LossInputError(
+                f"need focal_gamma >= 0 and focal_alpha in [0, 1], got {focal_gamma!r}, {focal_alpha!r}"
+            )
         if len(variances) != 2 or min(variances) <= 0:
             raise LossInputError(f"variances must be two positive numbers, got {variances!r}")
         # Not persistent: priors derive from the config, so they stay out of checkpoints.
@@ -144,16 +150,22 @@ class MultiBoxLoss(nn.Module):
                       labels: Sequence[Tensor]) -> None:
         n_priors = self.priors_cxcywh.shape[0]
         if predicted_locs.dim() != 3 or predicted_locs.shape[1:] != (n_priors, 4):
-            raise LossInputError(f"predicted_locs must be (N, {n_priors}, 4), got {tuple(predicted_locs.shape)}")
+            raise LossInputError(
+                f"predicted_locs must be (N, {n_priors}, 4), got {tuple(predicted_locs.shape)}"
+            )
         if predicted_scores.dim() != 3 or predicted_scores.shape[:2] != predicted_locs.shape[:2]:
             raise LossInputError(
                 f"predicted_scores must be (N, {n_priors}, C) with N={predicted_locs.shape[0]}, "
                 f"got {tuple(predicted_scores.shape)}"
             )
         if predicted_scores.shape[2] < 2:
-            raise LossInputError(f"predicted_scores needs >= 2 classes (background + 1), got {predicted_scores.shape[2]}")
+            raise LossInputError(
+                f"predicted_scores needs >= 2 classes (background + 1), got {predicted_scores.shape[2]}"
+            )
         if len(boxes) != predicted_locs.shape[0]:
-            raise LossInputError(f"got {len(boxes)} box tensors for a batch of {predicted_locs.shape[0]} images")
+            raise LossInputError(
+                f"got {len(boxes)} box tensors for a batch of {predicted_locs.shape[0]} images"
+            )
 
     def _check_targets(self, gt_boxes: Tensor, gt_labels: Tensor, valid: Tensor, n_classes: int) -> None:
         # One host sync for all checks; bad targets would otherwise surface later as NaN or a CUDA assert.
@@ -198,7 +210,8 @@ class MultiBoxLoss(nn.Module):
         priors = self.priors_cxcywh
 
         gt_boxes, gt_labels, valid = pad_targets(boxes, labels)
-        gt_boxes, gt_labels, valid = gt_boxes.to(locs.device, torch.float32), gt_labels.to(locs.device), valid.to(locs.device)
+        gt_boxes = gt_boxes.to(locs.device, torch.float32)
+        gt_labels, valid = gt_labels.to(locs.device), valid.to(locs.device)
         self._check_targets(gt_boxes, gt_labels, valid, n_classes)
         matches = match_priors(gt_boxes, gt_labels, valid, priors, self.threshold)
         positive = matches.positive
@@ -208,8 +221,10 @@ class MultiBoxLoss(nn.Module):
         # Only positives have a localization target: encoding a few hundred matched boxes instead of
         # every prior is cheaper, and never encodes a padded (zero-size, log 0) box.
         image_idx, prior_idx = positive.nonzero(as_tuple=True)
-        target_locs = encode_boxes(matches.boxes_xyxy[image_idx, prior_idx], priors[prior_idx], self.variances)
-        loc_loss = F.smooth_l1_loss(locs[image_idx, prior_idx], target_locs, beta=1.0, reduction="sum") / normalizer
+        matched = matches.boxes_xyxy[image_idx, prior_idx]
+        target_locs = encode_boxes(matched, priors[prior_idx], self.variances)
+        loc_sum = F.smooth_l1_loss(locs[image_idx, prior_idx], target_locs, beta=1.0, reduction="sum")
+        loc_loss = loc_sum / normalizer
 
         if self.classification == "hard_negative":
             conf_loss = self._hard_negative_loss(scores, matches.labels, positive) / normalizer

@@ -31,7 +31,9 @@ def _check_positive(name: str, values: Sequence[float]) -> None:
         raise PriorConfigError(f"{name} must not be empty")
     for value in values:
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise PriorConfigError(f"{name} must hold positive finite numbers, got {value!r} in {list(values)}")
+            raise PriorConfigError(
+                f"{name} must hold positive finite numbers, got {value!r} in {list(values)}"
+            )
 
 
 def boxes_per_cell(scales: Sequence[float] = (0.2, 0.4, 0.6),

@@ -74,7 +74,9 @@ def _imagenet_weights(batch_norm: bool) -> VGG16_Weights | VGG16_BN_Weights:
 def _features_state_dict(state_dict: object, source: str) -> dict[str, torch.Tensor]:
     """Keep the ``features.*`` entries of a torchvision VGG state_dict, prefix stripped."""
     if not isinstance(state_dict, dict):
-        raise WeightsError(f"{source}: expected a torchvision VGG16 state_dict (a dict), got {type(state_dict).__name__}")
+        raise WeightsError(
+            f"{source}: expected a torchvision VGG16 state_dict (a dict), got {type(state_dict).__name__}"
+        )
     features = {k[len("features."):]: v for k, v in state_dict.items()
                 if isinstance(k, str) and k.startswith("features.")}
     if not features:
@@ -106,7 +108,9 @@ def load_vgg16_weights(features: nn.Sequential, *, batch_norm: bool, pretrained:
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # any unpickling failure means the same to the user
-            raise WeightsError(f"model.weights_path={path}: cannot read it as a torch state_dict ({exc})") from exc
+            raise WeightsError(
+                f"model.weights_path={path}: cannot read it as a torch state_dict ({exc})"
+            ) from exc
         source = f"model.weights_path={path}"
     elif pretrained:
         try:
@@ -135,8 +139,12 @@ def load_vgg16_weights(features: nn.Sequential, *, batch_norm: bool, pretrained:
             details.append(f"unexpected features.{unexpected[0]} (+{len(unexpected) - 1} more)")
         if wrong_shape:
             k = wrong_shape[0]
-            details.append(f"features.{k} has shape {tuple(features_sd[k].shape)}, expected {tuple(own[k].shape)}")
-        raise WeightsError(f"{source}: does not fit the {variant} conv base at width 1.0: {'; '.join(details)}")
+            details.append(
+                f"features.{k} has shape {tuple(features_sd[k].shape)}, expected {tuple(own[k].shape)}"
+            )
+        raise WeightsError(
+            f"{source}: does not fit the {variant} conv base at width 1.0: {'; '.join(details)}"
+        )
     features.load_state_dict(features_sd, strict=True)
     logger.info("loaded VGG16 conv base weights from %s", source)
 

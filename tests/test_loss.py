@@ -160,7 +160,8 @@ def test_focal_sigmoid_hand_computed():
     out = MultiBoxLoss(PRIORS, classification="focal_sigmoid")(locs, scores, boxes, labels)
     assert math.isclose(out.confidence.item(), pos + neg1 + neg2, rel_tol=1e-5)
     # prior 2 has IoU 0.25 with the box: ignored from ignore_threshold 0.2
-    out = MultiBoxLoss(PRIORS, classification="focal_sigmoid", ignore_threshold=0.2)(locs, scores, boxes, labels)
+    loss_fn = MultiBoxLoss(PRIORS, classification="focal_sigmoid", ignore_threshold=0.2)
+    out = loss_fn(locs, scores, boxes, labels)
     assert math.isclose(out.confidence.item(), pos + neg1, rel_tol=1e-5)
 
 

@@ -30,7 +30,8 @@ def test_pad_targets_layout():
 
 
 def test_pad_targets_all_empty_keeps_one_slot():
-    padded, padded_labels, valid = pad_targets([torch.zeros(0, 4)] * 2, [torch.zeros(0, dtype=torch.long)] * 2)
+    empty_labels = [torch.zeros(0, dtype=torch.long)] * 2
+    padded, padded_labels, valid = pad_targets([torch.zeros(0, 4)] * 2, empty_labels)
     assert padded.shape == (2, 1, 4) and padded_labels.shape == (2, 1)
     assert not valid.any()
 

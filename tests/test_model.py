@@ -58,7 +58,8 @@ def test_layout_matches_torchvision(batch_norm):
     ours = build_vgg16_features(1.0, batch_norm)
     theirs = make_layers(cfgs["D"], batch_norm=batch_norm)
     assert [type(m) for m in ours] == [type(m) for m in theirs]
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    shapes = {k: v.shape for k, v in ours.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in theirs.state_dict().items()}
 
 
 def test_head_order_matches_priors():
@@ -139,7 +140,8 @@ def test_bad_options_and_inputs(small_model):
 def torchvision_state_dict(batch_norm):
     """A torchvision vgg16 / vgg16_bn state_dict (random init): ``features.*`` plus classifier keys."""
     torch.manual_seed(1)
-    state = {f"features.{k}": v for k, v in make_layers(cfgs["D"], batch_norm=batch_norm).state_dict().items()}
+    features = make_layers(cfgs["D"], batch_norm=batch_norm)
+    state = {f"features.{k}": v for k, v in features.state_dict().items()}
     state["classifier.0.weight"] = torch.zeros(2, 2)  # real files have a classifier; it must be ignored
     return state
 

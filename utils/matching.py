@@ -59,7 +59,9 @@ def pad_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> tuple[Tens
         Tensors live on the device and dtype of the first box tensor.
     """
     if len(boxes) != len(labels):
-        raise TargetError(f"got {len(boxes)} box tensors but {len(labels)} label tensors; need one of each per image")
+        raise TargetError(
+            f"got {len(boxes)} box tensors but {len(labels)} label tensors; need one of each per image"
+        )
     if len(boxes) == 0:
         raise TargetError("pad_targets needs at least one image")
     for i, (b, lab) in enumerate(zip(boxes, labels, strict=True)):
@@ -68,7 +70,9 @@ def pad_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> tuple[Tens
             raise TargetError(f"boxes[{i}] must be a (n, 4) tensor, got {shape}")
         if not isinstance(lab, Tensor) or lab.dim() != 1 or lab.shape[0] != b.shape[0]:
             shape = tuple(lab.shape) if isinstance(lab, Tensor) else type(lab).__name__
-            raise TargetError(f"labels[{i}] must be a ({b.shape[0]},) tensor to match boxes[{i}], got {shape}")
+            raise TargetError(
+                f"labels[{i}] must be a ({b.shape[0]},) tensor to match boxes[{i}], got {shape}"
+            )
         if lab.dtype.is_floating_point or lab.dtype == torch.bool:
             raise TargetError(f"labels[{i}] must hold integers, got dtype {lab.dtype}")
 
