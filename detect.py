@@ -111,7 +111,7 @@ def detect_image(detector, transform, image_rgb: np.ndarray, device: torch.devic
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         files = resolve_inputs(args.input)
         checkpoint = load_checkpoint(args.checkpoint)

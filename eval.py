@@ -87,7 +87,9 @@ def report(result: EvaluationResult, output_dir: Path, extra: dict[str, Any]) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True
+    )
     try:
         cfg = load_config(args.config, args.overrides)
         class_names = list(cfg.data.classes)

@@ -47,7 +47,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several unrelated types for a corrupt file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
+        # torch's first line says what failed; the rest is generic advice about weights_only.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(error).__name__}: {reason} (a broken or foreign file, "
+            "or one holding pickled code, which is refused)"
+        ) from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} has no 'model' entry: not a Tiny-Detector checkpoint")
     return checkpoint

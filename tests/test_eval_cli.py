@@ -1,0 +1,113 @@
+"""eval.py and detect.py end to end on a tiny trained model."""
+
+import json
+import re
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import detect as detect_module
+import eval as eval_module
+import train as train_module
+from tests.train_helpers import REPO, tiny_overrides
+from utils.builders import detector_from_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.config import load_config
+
+DEMO = str(REPO / "configs" / "demo.yaml")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    overrides = tiny_overrides(root, name="tiny", epochs=2) + ["train.ema_decay=0.9"]
+    summary = train_module.train(load_config(DEMO, overrides), show_progress=False)
+    return {"root": root, "overrides": overrides, "summary": summary, "best": root / "runs" / "tiny" / "best.pt"}
+
+
+def printed_map(text):
+    return float(re.search(r"VOC07 mAP \(11-point\): ([0-9.]+)", text).group(1))
+
+
+def test_eval_reproduces_training_map_and_writes_outputs(trained, capsys, tmp_path):
+    out = tmp_path / "eval"
+    code = eval_module.main(["--config", DEMO, "--checkpoint", str(trained["best"]), "--output-dir", str(out),
+                             *trained["overrides"], "eval.coco_metrics=true"])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    best = load_checkpoint(trained["best"])["best_map"]
+    assert printed_map(printed) == pytest.approx(best, abs=5e-5)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["voc07_map"] == pytest.approx(best, abs=1e-12)
+    assert set(metrics["coco"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    for name in ("ellipse", "rectangle", "triangle"):
+        assert name in printed
+        lines = (out / f"comp4_det_test_{name}.txt").read_text().splitlines()
+        assert all(len(line.split()) == 6 for line in lines)
+    assert (out / "pr_curves.png").stat().st_size > 1000
+
+
+def test_results_dir_evaluation_equals_in_memory(trained, tmp_path, capsys):
+    model_out, files_out = tmp_path / "model", tmp_path / "files"
+    assert eval_module.main(["--config", DEMO, "--checkpoint", str(trained["best"]), "--output-dir",
+                             str(model_out), "--no-coco", *trained["overrides"]]) == 0  # fmt: skip
+    assert eval_module.main(["--config", DEMO, "--results-dir", str(model_out), "--output-dir", str(files_out),
+                             "--no-coco", *trained["overrides"]]) == 0  # fmt: skip
+    from_model = json.loads((model_out / "metrics.json").read_text())
+    from_files = json.loads((files_out / "metrics.json").read_text())
+    assert from_files["voc07_map"] == pytest.approx(from_model["voc07_map"], abs=1e-12)
+    assert from_files["voc12_map"] == pytest.approx(from_model["voc12_map"], abs=1e-12)
+    assert from_files["classes"] == from_model["classes"]
+
+
+def test_bad_inputs_give_clear_messages(trained, tmp_path, capfd):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"\x00not a checkpoint")
+    assert eval_module.main(["--config", DEMO, "--checkpoint", str(broken), *trained["overrides"]]) == 2
+    assert "cannot read checkpoint" in capfd.readouterr().err
+
+    results = tmp_path / "results"
+    assert eval_module.main(["--config", DEMO, "--checkpoint", str(trained["best"]), "--output-dir", str(results),
+                             "--no-coco", *trained["overrides"]]) == 0  # fmt: skip
+    capfd.readouterr()
+    (results / "comp4_det_test_triangle.txt").write_text("000001 0.9 1 2 3\n")
+    assert eval_module.main(["--config", DEMO, "--results-dir", str(results), *trained["overrides"]]) == 2
+    err = capfd.readouterr().err
+    assert "comp4_det_test_triangle.txt:1: expected 6 fields" in err
+
+    checkpoint = load_checkpoint(trained["best"])
+    with pytest.raises(CheckpointError, match="trained for 3 classes"):
+        detector_from_checkpoint(checkpoint, trained["best"], ["cat", "dog"])
+
+
+def test_detect_draws_boxes_and_writes_json(trained, tmp_path):
+    images = sorted((trained["root"] / "shapes" / "VOCdevkit" / "SHAPES" / "JPEGImages").glob("*.jpg"))[:2]
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for path in images:
+        (folder / path.name).write_bytes(path.read_bytes())
+    out = tmp_path / "drawn"
+    code = detect_module.main(["--checkpoint", str(trained["best"]), "--input", str(folder), "--output-dir", str(out),
+                               "--min-score", "0.0", "--top-k", "5"])  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "detections.json").read_text())
+    assert [entry["image"] for entry in report] == [str(folder / p.name) for p in images]
+    for entry in report:
+        assert 0 < len(entry["detections"]) <= 5
+        for det in entry["detections"]:
+            x1, y1, x2, y2 = det["box"]
+            assert 0 <= x1 <= x2 <= entry["width"] and 0 <= y1 <= y2 <= entry["height"]
+            assert det["class"] in ("ellipse", "rectangle", "triangle")
+        drawn = cv2.imread(entry["output"])
+        original = cv2.imread(entry["image"])
+        assert drawn.shape == original.shape
+        assert np.abs(drawn.astype(int) - original.astype(int)).max() > 100, "no box was drawn"
+
+
+def test_detect_rejects_missing_input(trained, tmp_path, capfd):
+    code = detect_module.main(["--checkpoint", str(trained["best"]), "--input", str(tmp_path / "nothing*.jpg")])
+    assert code == 2
+    assert "no image files found" in capfd.readouterr().err
+    assert torch.__version__  # torch stays importable after the CLI's error path
