@@ -53,7 +53,7 @@ def test_best_prior_below_threshold_is_still_positive():
     assert m.labels.tolist() == [[7, 0, 0]]
     assert m.forced.tolist() == [[True, False, False]]
     assert torch.allclose(m.iou, torch.tensor([[0.16, 0.0, 0.04]]))
-    assert torch.equal(m.boxes_xyxy[0, 0], torch.tensor([0.0, 0.0, 0.2, 0.2]))
+    assert m.gt_index[0, 0] == 0
 
 
 def test_threshold_match_besides_forced():

@@ -30,16 +30,14 @@ class Matches(NamedTuple):
 
     Attributes:
         labels: ``(N, P)`` long, the matched box's label for positive priors, 0 (background) elsewhere.
-        boxes_xyxy: ``(N, P, 4)`` the matched box of every prior (meaningful for positives only; for
-            images without boxes it is the zero padding).
-        gt_index: ``(N, P)`` long, index of the matched box in the padded ground truth.
+        gt_index: ``(N, P)`` long, index of the matched box in the padded ground truth (meaningful for
+            positives; the matched box of prior p in image n is ``gt_boxes_xyxy[n, gt_index[n, p]]``).
         iou: ``(N, P)`` the prior's best IoU with any real box of its image (-1 when it has none).
         forced: ``(N, P)`` bool, the prior was claimed as a box's best prior.
         positive: ``(N, P)`` bool, ``forced | (iou >= threshold)``.
     """
 
     labels: Tensor
-    boxes_xyxy: Tensor
     gt_index: Tensor
     iou: Tensor
     forced: Tensor
@@ -153,6 +151,4 @@ def match_priors(gt_boxes_xyxy: Tensor, gt_labels: Tensor, valid: Tensor, priors
 
     positive = forced | (prior_iou >= threshold)
     labels = torch.where(positive, gt_labels.gather(1, gt_index), torch.zeros_like(gt_index))
-    boxes = gt_boxes_xyxy.gather(1, gt_index[..., None].expand(-1, -1, 4))
-    return Matches(labels=labels, boxes_xyxy=boxes, gt_index=gt_index, iou=prior_iou, forced=forced,
-                   positive=positive)
+    return Matches(labels=labels, gt_index=gt_index, iou=prior_iou, forced=forced, positive=positive)
