@@ -82,6 +82,11 @@ def test_equal_claims_go_to_the_first_box():
     assert m.labels.tolist() == [[5, 0, 0]]
     m = match([same.flip(0)], [torch.tensor([6, 5])])
     assert m.labels.tolist() == [[6, 0, 0]]
+    # equal IoUs above the threshold (prior 2: 0.3 for both boxes) also go to the first box
+    wide = torch.tensor([[0.0, 0.0, 0.6, 0.5], [0.0, 0.0, 0.6, 0.5]])
+    m = match([wide], [torch.tensor([5, 6])], threshold=0.25)
+    assert m.labels.tolist() == [[5, 0, 5]]
+    assert m.forced.tolist() == [[True, False, False]]
 
 
 def test_competition_decided_by_iou_not_by_order():

@@ -120,34 +120,32 @@ def match_priors(gt_boxes_xyxy: Tensor, gt_labels: Tensor, valid: Tensor, priors
     """
     n_images, max_boxes, _ = gt_boxes_xyxy.shape
     n_priors = priors_cxcywh.shape[0]
-    priors_xyxy = cxcywh_to_xyxy(priors_cxcywh)
 
-    # IoU of the real boxes only (padding can be half the slots); padded rows stay at -1, below any real
-    # IoU, so padding never wins a prior nor is a prior's best box.
-    real_iou = pairwise_iou(gt_boxes_xyxy[valid], priors_xyxy)  # (B, P), B = number of real boxes
-    iou = real_iou.new_full((n_images, max_boxes, n_priors), -1.0)
-    iou[valid] = real_iou
-    prior_iou, prior_gt = iou.max(dim=1)  # (N, P): best box of each prior (first index on ties)
+    # Work on the real boxes only, as flat (B, P) rows tagged with their image and slot, with per-image
+    # reductions as scatter_reduce calls: no (N, M, P) tensor, so the cost follows the real box count
+    # rather than the padding (a few crowded images would otherwise inflate M for the whole batch).
+    box_image, box_slot = valid.nonzero(as_tuple=True)  # (B,), row-major: same order as [valid]
+    iou = pairwise_iou(gt_boxes_xyxy[valid], cxcywh_to_xyxy(priors_cxcywh))  # (B, P)
+    rows = box_image[:, None].expand_as(iou)
 
-    # Best prior of each real box (first index on ties); padding gets prior 0 with a claim IoU of -3.
-    real_best_iou, real_best_prior = real_iou.max(dim=1)
-    gt_iou = real_iou.new_full((n_images, max_boxes), -3.0)
-    gt_iou[valid] = real_best_iou
-    gt_best_prior = torch.zeros_like(gt_labels)
-    gt_best_prior[valid] = real_best_prior
+    # Best box of each prior: the highest IoU (-1 in images without boxes), then the lowest slot on ties.
+    # Slots travel as floats (exact below 2**24) because float scatter_reduce is ~20x faster on CPU.
+    prior_iou = iou.new_full((n_images, n_priors), -1.0).scatter_reduce_(0, rows, iou, reduce="amax")
+    slot = box_slot.to(iou.dtype)
+    slot_if_best = torch.where(iou == prior_iou[box_image], slot[:, None], float(max_boxes))
+    prior_gt = iou.new_full((n_images, n_priors), float(max_boxes))
+    prior_gt = prior_gt.scatter_reduce_(0, rows, slot_if_best, reduce="amin").long().clamp_(max=max_boxes - 1)
 
-    # Resolve the claims on the (N, M) claims themselves, not on an (N, M, P) tensor: per claimed prior,
-    # the highest claim IoU, then the lowest box index among the claimants reaching it.
-    flat_prior = (torch.arange(n_images, device=iou.device)[:, None] * n_priors + gt_best_prior).reshape(-1)
-    claim_iou = gt_iou.reshape(-1)
-    best_claim = iou.new_full((n_images * n_priors,), -2.0)
-    best_claim.scatter_reduce_(0, flat_prior, claim_iou, reduce="amax")
-    box_index = torch.arange(max_boxes, device=iou.device).expand(n_images, max_boxes).reshape(-1)
-    is_winner = claim_iou == best_claim[flat_prior]
-    winner = torch.full_like(best_claim, max_boxes, dtype=torch.long)
-    winner.scatter_reduce_(0, flat_prior, box_index.masked_fill(~is_winner, max_boxes), reduce="amin")
-    forced = (best_claim > -1.5).view(n_images, n_priors)
-    gt_index = torch.where(forced, winner.view(n_images, n_priors), prior_gt)
+    # Claims: every box claims its best prior (first index on ties). Per claimed prior the highest claim
+    # IoU wins, then the lowest slot among the claimants reaching it.
+    claim_iou, claim_prior = iou.max(dim=1)  # (B,)
+    flat_prior = box_image * n_priors + claim_prior
+    best_claim = iou.new_full((n_images * n_priors,), -1.0).scatter_reduce_(0, flat_prior, claim_iou, "amax")
+    slot_if_winner = torch.where(claim_iou == best_claim[flat_prior], slot, float(max_boxes))
+    winner = iou.new_full((n_images * n_priors,), float(max_boxes))
+    winner = winner.scatter_reduce_(0, flat_prior, slot_if_winner, reduce="amin").view(n_images, n_priors)
+    forced = winner < max_boxes
+    gt_index = torch.where(forced, winner.long(), prior_gt)
 
     positive = forced | (prior_iou >= threshold)
     labels = torch.where(positive, gt_labels.gather(1, gt_index), torch.zeros_like(gt_index))
