@@ -207,7 +207,7 @@ class MultiBoxLoss(nn.Module):
         locs = predicted_locs.float()
         scores = predicted_scores.float()
         n_classes = scores.shape[2]
-        priors = self.priors_cxcywh
+        priors = self.priors_cxcywh.to(locs.device)  # no-op once the loss module sits on that device
 
         gt_boxes, gt_labels, valid = pad_targets(boxes, labels)
         gt_boxes = gt_boxes.to(locs.device, torch.float32)

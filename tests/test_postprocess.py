@@ -116,8 +116,18 @@ def test_equals_naive_nms_on_random_boxes(activation, top_k):
     assert dets[0].boxes.shape[0] > 0
 
 
+@pytest.fixture(scope="module")
+def six_images():
+    """Six random images with 3 classes and their naive top-7 detections (computed once: slow loop)."""
+    g = torch.Generator().manual_seed(4)
+    priors = create_prior_boxes()
+    locs = torch.randn(6, 441, 4, generator=g) * 0.3
+    scores = torch.randn(6, 441, 4, generator=g)
+    return locs, scores, priors, naive_detect_objects(locs, scores, priors, top_k=7)
+
+
 @pytest.mark.parametrize(("candidates_per_image", "nms_calls"), [(7, 2), (9, 1), (30, 1), (100_000, 1)])
-def test_candidate_limit_never_changes_the_result(monkeypatch, candidates_per_image, nms_calls):
+def test_candidate_limit_never_changes_the_result(monkeypatch, six_images, candidates_per_image, nms_calls):
     # top_k 7: with a limit of 7, two of the six images keep fewer than 7 survivors and are rerun on all
     # their candidates (a second NMS pass); 9 and 30 are enough; 100 000 is no limit at all.
     calls = []
@@ -128,12 +138,8 @@ def test_candidate_limit_never_changes_the_result(monkeypatch, candidates_per_im
         return original(*args, **kwargs)
 
     monkeypatch.setattr(postprocess, "_batched_class_nms", counting)
-    g = torch.Generator().manual_seed(4)
-    priors = create_prior_boxes()
-    locs = torch.randn(6, 441, 4, generator=g) * 0.3
-    scores = torch.randn(6, 441, 4, generator=g)
+    locs, scores, priors, expected = six_images
     dets = detect_objects(locs, scores, priors, top_k=7, candidates_per_image=candidates_per_image)
-    expected = naive_detect_objects(locs, scores, priors, top_k=7)
     assert len(calls) == nms_calls
     for det, (boxes, labels, scores_) in zip(dets, expected, strict=True):
         assert det.labels.tolist() == labels.tolist()

@@ -1,0 +1,114 @@
+"""Time the vectorized loss and post-processing against straightforward per-image loops.
+
+    python benchmarks/bench_loss.py [--batch-size 32] [--max-boxes 20] [--repeats 10] [--threads N]
+
+1. MultiBoxLoss (matching included) on a batch with 1..max_boxes boxes per image, against the per-image
+   reference of tests/test_loss.py.
+2. detect_objects on the raw outputs of an untrained TinyDetector (nearly every (prior, class) pair is
+   above min_score, the worst case), against the naive per-class NMS loop of tests/test_postprocess.py.
+
+Both sides run in the same process on the same inputs; the figures are medians of several runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.detector import TinyDetector  # noqa: E402
+from model.loss import MultiBoxLoss  # noqa: E402
+from model.priors import create_prior_boxes  # noqa: E402
+from tests.test_loss import random_batch, reference_multibox_loss  # noqa: E402
+from tests.test_postprocess import naive_detect_objects  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: bool = True) -> float:
+    if warmup:
+        fn()  # first calls pay for allocations and lazy initialisation
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_loss(args: argparse.Namespace) -> None:
+    generator = torch.Generator().manual_seed(args.seed)
+    priors = create_prior_boxes()
+    locs, scores, boxes, labels = random_batch(args.batch_size, args.max_boxes, args.n_classes, generator,
+                                               min_boxes=1, n_priors=priors.shape[0])
+    loss_fn = MultiBoxLoss(priors)
+    n_boxes = sum(len(b) for b in boxes)
+    print(f"loss+matching, batch {args.batch_size}, {n_boxes} boxes (1..{args.max_boxes} per image), "
+          f"{priors.shape[0]} priors, {args.n_classes} classes, median of {args.repeats}")
+
+    fast = median_seconds(lambda: loss_fn(locs, scores, boxes, labels), args.repeats)
+    slow = median_seconds(lambda: reference_multibox_loss(locs, scores, boxes, labels, priors), args.repeats)
+    print(f"  forward           vectorized {fast * 1e3:8.2f} ms | per-image reference {slow * 1e3:8.2f} ms "
+          f"| {slow / fast:5.1f}x (target >= 10x)")
+
+    # Training runs the backward pass too; the reference builds a graph of many small per-image ops.
+    locs.requires_grad_(True)
+    scores.requires_grad_(True)
+    fast = median_seconds(lambda: loss_fn(locs, scores, boxes, labels).total.backward(), args.repeats)
+    slow = median_seconds(
+        lambda: reference_multibox_loss(locs, scores, boxes, labels, priors)[0].backward(), args.repeats
+    )
+    print(f"  forward+backward  vectorized {fast * 1e3:8.2f} ms | per-image reference {slow * 1e3:8.2f} ms "
+          f"| {slow / fast:5.1f}x (target >= 10x)")
+
+
+def bench_postprocess(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    model = TinyDetector(args.n_classes, width_mult=args.width).eval()
+    with torch.no_grad():
+        locs, scores = model(torch.randn(args.batch_size, 3, model.image_size, model.image_size))
+    above = (scores.softmax(-1)[..., 1:] > args.min_score).float().mean().item()
+    print(f"post-processing, batch {args.batch_size}, untrained model (width {args.width}), "
+          f"{above:.1%} of the {scores.shape[1] * (scores.shape[2] - 1)} (prior, class) pairs per image "
+          f"above min_score {args.min_score}")
+    fast = median_seconds(lambda: model.detect_objects(locs, scores, min_score=args.min_score), args.repeats)
+    # The naive loop takes seconds per call: fewer runs, no warm-up.
+    slow = median_seconds(
+        lambda: naive_detect_objects(locs, scores, model.priors_cxcywh, min_score=args.min_score),
+        args.naive_repeats,
+        warmup=False,
+    )
+    print(f"  detect_objects {fast * 1e3:9.2f} ms (median of {args.repeats}) | naive per-class NMS loop "
+          f"{slow * 1e3:9.2f} ms (median of {args.naive_repeats}) | {slow / fast:5.1f}x (target >= 20x)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-boxes", type=int, default=20, help="boxes per image drawn from 1..max")
+    parser.add_argument("--n-classes", type=int, default=21, help="classes including background")
+    parser.add_argument("--width", type=float, default=0.25, help="width multiplier of the untrained model")
+    parser.add_argument("--min-score", type=float, default=0.01)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--naive-repeats", type=int, default=3, help="runs of the naive NMS loop")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    bench_loss(args)
+    bench_postprocess(args)
+
+
+if __name__ == "__main__":
+    main()
