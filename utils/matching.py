@@ -132,7 +132,7 @@ def match_priors(gt_boxes_xyxy: Tensor, gt_labels: Tensor, valid: Tensor, priors
     # Slots travel as floats (exact below 2**24) because float scatter_reduce is ~20x faster on CPU.
     prior_iou = iou.new_full((n_images, n_priors), -1.0).scatter_reduce_(0, rows, iou, reduce="amax")
     slot = box_slot.to(iou.dtype)
-    slot_if_best = torch.where(iou == prior_iou[box_image], slot[:, None], float(max_boxes))
+    slot_if_best = torch.where(iou == prior_iou.index_select(0, box_image), slot[:, None], float(max_boxes))
     prior_gt = iou.new_full((n_images, n_priors), float(max_boxes))
     prior_gt = prior_gt.scatter_reduce_(0, rows, slot_if_best, reduce="amin").long().clamp_(max=max_boxes - 1)
 
