@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from data.transforms import build_eval_transform
-from utils.builders import detector_from_checkpoint, score_activation
+from model.loss import score_activation_for
+from utils.builders import detector_from_checkpoint
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.engine import resolve_device
 
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         detector = detector_from_checkpoint(checkpoint, args.checkpoint).to(device).eval()
         transform = build_eval_transform(detector.image_size)
-        activation = score_activation(checkpoint["config"]["loss"]["classification"])
+        activation = score_activation_for(checkpoint["config"]["loss"]["classification"])
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         report = []

@@ -19,7 +19,8 @@ import torch
 
 from data.dataset import DetectionDataset
 from data.transforms import build_eval_transform
-from utils.builders import detector_from_checkpoint, load_split_records, prepare_synthetic, score_activation
+from model.loss import score_activation_for
+from utils.builders import detector_from_checkpoint, load_split_records, prepare_synthetic
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.config import ConfigError, load_config
 from utils.distributed import DistributedContext
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 amp_dtype=resolve_amp_dtype(cfg.train.amp, device), channels_last=channels_last,
                 min_score=cfg.eval.min_score, max_overlap=cfg.eval.max_overlap, top_k=cfg.eval.top_k,
                 context=DistributedContext(),
-                activation=score_activation(checkpoint["config"]["loss"]["classification"]),
+                activation=score_activation_for(checkpoint["config"]["loss"]["classification"]),
             )  # fmt: skip
             output_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent / "eval"
             write_voc_results(output_dir, detections, class_names)

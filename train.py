@@ -24,13 +24,13 @@ from torch.nn.parallel import DistributedDataParallel
 from data.dataset import DetectionDataset, collate_detections
 from data.sampler import ResumableSampler, SeededSamples
 from data.transforms import build_eval_transform, build_train_transform
+from model.loss import score_activation_for
 from utils.builders import (
     build_criterion,
     build_model,
     build_optimizer,
     load_split_records,
     prepare_synthetic,
-    score_activation,
 )
 from utils.checkpoint import (
     CheckpointError,
@@ -318,7 +318,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             batch_size=cfg.eval.batch_size, num_workers=min(workers, 2), amp_dtype=amp_dtype,
             channels_last=cfg.train.channels_last, min_score=cfg.eval.min_score,
             max_overlap=cfg.eval.max_overlap, top_k=cfg.eval.top_k, context=context,
-            activation=score_activation(cfg.loss.classification),
+            activation=score_activation_for(cfg.loss.classification),
         )  # fmt: skip
         if not context.is_main:
             return broadcast_object(None, context)

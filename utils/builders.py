@@ -101,11 +101,6 @@ def load_split_records(data: DataConfig, split: str) -> list[ImageRecord]:
     return records
 
 
-def score_activation(classification: str) -> str:
-    """How class logits become scores: a sigmoid focal loss trains independent per-class probabilities."""
-    return "sigmoid" if classification == "focal_sigmoid" else "softmax"
-
-
 def build_model(model: ModelConfig, n_object_classes: int, classification: str = "hard_negative") -> TinyDetector:
     weights_path = model.weights_path
     if weights_path is not None:

@@ -1,0 +1,31 @@
+"""configs/custom.yaml, the example for a user's own labelImg data, trains on real photographs."""
+
+import json
+
+import train as train_module
+from tests.train_helpers import REPO
+from utils.config import load_config
+
+
+def test_custom_config_trains_a_few_steps_on_raccoon_photographs(tmp_path):
+    cfg = load_config(
+        REPO / "configs" / "custom.yaml",
+        [
+            f"data.root={REPO / 'tests' / 'fixtures' / 'raccoon'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"run.output_dir={tmp_path / 'runs'}",
+            "data.num_workers=0",
+            "train.epochs=1",
+            "train.batch_size=2",
+            "train.log_every_steps=1",
+        ],
+    )
+    assert cfg.data.format == "folder" and cfg.data.classes == ["raccoon"]
+    summary = train_module.train(cfg, show_progress=False)
+    assert summary["global_step"] == 3  # 6 training photos (splits/train.txt), batch 2
+    assert summary["best_voc07_map"] is not None
+    run = tmp_path / "runs" / "custom"
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if s["type"] == "train"] == [1, 2, 3]
+    assert all(s["loss"] > 0 for s in steps if s["type"] == "train")
+    assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
