@@ -45,6 +45,21 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: bool = True) 
     return statistics.median(times)
 
 
+def interleaved_medians(
+    fast: Callable[[], object], slow: Callable[[], object], repeats: int
+) -> tuple[float, float]:
+    """Median seconds of each function, run alternately so both see the same load from other jobs."""
+    fast()
+    slow()
+    fast_times, slow_times = [], []
+    for _ in range(repeats):
+        for fn, times in ((fast, fast_times), (slow, slow_times)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(fast_times), statistics.median(slow_times)
+
+
 def bench_loss(args: argparse.Namespace) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     priors = create_prior_boxes()
@@ -55,17 +70,21 @@ def bench_loss(args: argparse.Namespace) -> None:
     print(f"loss+matching, batch {args.batch_size}, {n_boxes} boxes (1..{args.max_boxes} per image), "
           f"{priors.shape[0]} priors, {args.n_classes} classes, median of {args.repeats}")
 
-    fast = median_seconds(lambda: loss_fn(locs, scores, boxes, labels), args.repeats)
-    slow = median_seconds(lambda: reference_multibox_loss(locs, scores, boxes, labels, priors), args.repeats)
+    fast, slow = interleaved_medians(
+        lambda: loss_fn(locs, scores, boxes, labels),
+        lambda: reference_multibox_loss(locs, scores, boxes, labels, priors),
+        args.repeats,
+    )
     print(f"  forward           vectorized {fast * 1e3:8.2f} ms | per-image reference {slow * 1e3:8.2f} ms "
           f"| {slow / fast:5.1f}x (target >= 10x)")
 
     # Training runs the backward pass too; the reference builds a graph of many small per-image ops.
     locs.requires_grad_(True)
     scores.requires_grad_(True)
-    fast = median_seconds(lambda: loss_fn(locs, scores, boxes, labels).total.backward(), args.repeats)
-    slow = median_seconds(
-        lambda: reference_multibox_loss(locs, scores, boxes, labels, priors)[0].backward(), args.repeats
+    fast, slow = interleaved_medians(
+        lambda: loss_fn(locs, scores, boxes, labels).total.backward(),
+        lambda: reference_multibox_loss(locs, scores, boxes, labels, priors)[0].backward(),
+        args.repeats,
     )
     print(f"  forward+backward  vectorized {fast * 1e3:8.2f} ms | per-image reference {slow * 1e3:8.2f} ms "
           f"| {slow / fast:5.1f}x (target >= 10x)")
@@ -98,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-classes", type=int, default=21, help="classes including background")
     parser.add_argument("--width", type=float, default=0.25, help="width multiplier of the untrained model")
     parser.add_argument("--min-score", type=float, default=0.01)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--naive-repeats", type=int, default=3, help="runs of the naive NMS loop")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
