@@ -1,8 +1,9 @@
 """MultiBox loss: Smooth L1 localization plus a classification loss over the matched priors.
 
 Classification is either softmax cross-entropy with hard-negative mining (the SSD recipe) or a focal
-loss (RetinaNet), sigmoid or softmax. Everything is vectorized over the batch; the only host sync is the
-input check and the positive count returned for logging.
+loss (RetinaNet), sigmoid or softmax. Everything is vectorized over the batch, with no Python loop over
+images, boxes or priors; host syncs are limited to the target check, the data-dependent sizes (positives,
+mined negatives) and the positive count returned for logging.
 """
 
 from __future__ import annotations
@@ -218,8 +219,8 @@ class MultiBoxLoss(nn.Module):
         n_pos = positive.sum()
         normalizer = n_pos.clamp(min=1).float()
 
-        # Only positives have a localization target: encoding a few hundred matched boxes instead of
-        # every prior is cheaper, and never encodes a padded (zero-size, log 0) box.
+        # Only positives have a localization target: encode just their matched boxes (a few hundred),
+        # not a target for every prior.
         image_idx, prior_idx = positive.nonzero(as_tuple=True)
         matched = gt_boxes[image_idx, matches.gt_index[image_idx, prior_idx]]
         target_locs = encode_boxes(matched, priors[prior_idx], self.variances)
@@ -242,7 +243,7 @@ class MultiBoxLoss(nn.Module):
     def _hard_negative_loss(self, scores: Tensor, target: Tensor, positive: Tensor) -> Tensor:
         # Negatives are ranked by their background cross-entropy, computed without autograd; only the
         # positives and the chosen negatives (about 4 x n_pos of N x P priors) then get a differentiable
-        # cross-entropy, which makes the forward and backward passes several times cheaper.
+        # cross-entropy, so the backward pass touches those rows only.
         with torch.no_grad():
             background_ce = -F.log_softmax(scores, dim=-1)[..., 0]
         hard_neg = hard_negative_mask(background_ce, positive, self.neg_pos_ratio)

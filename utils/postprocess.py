@@ -42,8 +42,9 @@ def detect_objects(locs: Tensor, scores: Tensor, priors_cxcywh: Tensor, *, min_s
 
     Every (prior, object class) pair whose score is above ``min_score`` is a candidate; candidates go
     through class-wise NMS (IoU > ``max_overlap`` suppresses the lower score) and the ``top_k`` best of
-    each image are kept. The whole batch goes through a single ``torchvision.ops.batched_nms`` call,
-    grouped by ``image * C + class`` so images and classes never suppress each other.
+    each image are kept. The whole batch goes through one ``torchvision.ops.batched_nms`` call (plus a
+    rerun for the rare images described below), grouped by ``image * C + class`` so images and classes
+    never suppress each other.
 
     NMS only runs on each image's ``candidates_per_image`` best candidates. This never changes the result:
     a candidate is suppressed only by higher-scored ones, so the kept status of the best candidates does
