@@ -1,9 +1,10 @@
-"""Evaluation benchmarks: VOC mAP computation time (and, later, inference images/s).
+"""Evaluation benchmarks: VOC mAP computation time and inference images/s.
 
 Each measurement is one function returning a dict of figures; `main` runs the selected ones.
 
     python benchmarks/bench_eval.py                # all measurements
     python benchmarks/bench_eval.py --only map     # only the mAP computation time
+    python benchmarks/bench_eval.py --only inference
 """
 
 from __future__ import annotations
@@ -141,7 +142,44 @@ def bench_map(
     return figures
 
 
-BENCHMARKS: dict[str, Callable[[], dict[str, float]]] = {"map": bench_map}
+def bench_inference(
+    width_mult: float = 0.125, batch_norm: bool = True, batch_size: int = 16, n_batches: int = 6, n_classes: int = 4
+) -> dict[str, float]:
+    """Images/s of the demo model's inference: forward pass, then forward + `detect_objects` (min_score
+    0.01, NMS 0.45, top_k 200) on a batch of 224x224 inputs, and the full-width VGG16 forward."""
+    import torch
+
+    from model.detector import TinyDetector
+
+    def images_per_s(model: TinyDetector, postprocess: bool, batches: int) -> float:
+        images = torch.randn(batch_size, 3, model.image_size, model.image_size)
+        with torch.inference_mode():
+            model(images)  # warm-up: oneDNN picks its kernels on the first call
+            start = time.perf_counter()
+            for _ in range(batches):
+                locs, scores = model(images)
+                if postprocess:
+                    model.detect_objects(locs, scores, min_score=0.01, max_overlap=0.45, top_k=200)
+            return batches * batch_size / (time.perf_counter() - start)
+
+    torch.manual_seed(0)
+    small = TinyDetector(n_classes, width_mult=width_mult, batch_norm=batch_norm).eval()
+    figures = {
+        "forward_images_per_s": images_per_s(small, False, n_batches),
+        "forward_postprocess_images_per_s": images_per_s(small, True, n_batches),
+        "vgg16_forward_images_per_s": images_per_s(TinyDetector(21).eval(), False, 1),
+    }
+    print(
+        f"inference, batch {batch_size}, {torch.get_num_threads()} threads: width {width_mult} "
+        f"(batch_norm {batch_norm}) forward {figures['forward_images_per_s']:.1f} images/s, forward + "
+        f"post-processing {figures['forward_postprocess_images_per_s']:.1f} images/s (untrained model: "
+        f"nearly every prior above min_score, the slowest case); full-width VGG16 forward "
+        f"{figures['vgg16_forward_images_per_s']:.1f} images/s"
+    )
+    return figures
+
+
+BENCHMARKS: dict[str, Callable[[], dict[str, float]]] = {"map": bench_map, "inference": bench_inference}
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:

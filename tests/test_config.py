@@ -61,6 +61,13 @@ def test_wrong_values_name_the_key(tmp_path, text, key):
         load_config(write(tmp_path, text))
 
 
+def test_exponent_without_dot_is_a_number(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  lr: 1e-3\n"), ["train.weight_decay=5e-4"])
+    assert cfg.train.lr == 1e-3 and cfg.train.weight_decay == 5e-4
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(write(tmp_path, "train:\n  lr: 1e-3x\n"))
+
+
 def test_int_accepted_for_float_and_null_for_optional(tmp_path):
     cfg = load_config(write(tmp_path, "train:\n  lr: 1\n  grad_clip_norm: null\n"))
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
