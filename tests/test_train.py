@@ -175,3 +175,21 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
     assert summary["rank_weight_checksums"][0] == summary["rank_weight_checksums"][1]
     assert summary["global_step"] == 6  # 12 images / (2 ranks x batch 2) = 3 steps per epoch
     assert summary["best_voc07_map"] is not None
+
+
+def test_periodic_step_checkpoint_survives_a_crash_and_resumes_exactly(tmp_path, monkeypatch):
+    straight = tiny_config(tmp_path, name="straight", epochs=2)
+    train_module.train(straight, show_progress=False)
+    expected = load_checkpoint(os.path.join(run_dir(straight), "last.pt"))["model"]
+
+    crashed = tiny_config(tmp_path, name="steps", epochs=2)
+    crashed.train.save_every_steps = 2
+    crash_at_loss_call(monkeypatch, call_number=3)  # dies in step 3, after the step-2 checkpoint
+    with pytest.raises(SimulatedCrash):
+        train_module.train(crashed, show_progress=False)
+    monkeypatch.undo()
+    last = os.path.join(run_dir(crashed), "last.pt")
+    checkpoint = load_checkpoint(last)
+    assert (checkpoint["epoch"], checkpoint["batches_done"], checkpoint["global_step"]) == (0, 2, 2)
+    assert train_module.main(["--resume", last, "--no-progress"]) == 0
+    assert state_dicts_equal(load_checkpoint(last)["model"], expected)
