@@ -21,8 +21,9 @@ import torch
 from data.transforms import build_eval_transform
 from model.loss import score_activation_for
 from utils.builders import detector_from_checkpoint
-from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.checkpoint import load_checkpoint
 from utils.engine import resolve_device
+from utils.errors import USER_ERRORS
 
 logger = logging.getLogger("detect")
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("%s: %d detections -> %s", path, len(found), drawn_path)
         (output_dir / "detections.json").write_text(json.dumps(report, indent=2))
         print(f"wrote {len(files)} images and {output_dir / 'detections.json'}")
-    except (InputError, CheckpointError) as error:
+    except (InputError, *USER_ERRORS) as error:
         logger.error("%s", error)
         return 2
     return 0

@@ -21,13 +21,14 @@ from data.dataset import DetectionDataset
 from data.transforms import build_eval_transform
 from model.loss import score_activation_for
 from utils.builders import detector_from_checkpoint, load_split_records, prepare_synthetic
-from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.config import ConfigError, load_config
+from utils.checkpoint import load_checkpoint
+from utils.config import load_config
 from utils.distributed import DistributedContext
 from utils.engine import resolve_amp_dtype, resolve_device, run_inference
+from utils.errors import USER_ERRORS
 from utils.evaluation import EvaluationResult, evaluate_detections
 from utils.pr_curves import plot_pr_curves
-from utils.voc_results import ResultsFormatError, read_voc_results, write_voc_results
+from utils.voc_results import read_voc_results, write_voc_results
 
 logger = logging.getLogger("eval")
 
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = {"checkpoint": str(args.checkpoint), "epoch": checkpoint.get("epoch")}
         result = evaluate_detections(detections, records, class_names, coco=cfg.eval.coco_metrics and not args.no_coco)
         report(result, output_dir, extra | {"n_images": len(records)})
-    except (ConfigError, CheckpointError, ResultsFormatError) as error:
+    except USER_ERRORS as error:
         logger.error("%s", error)
         return 2
     return 0

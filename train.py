@@ -48,7 +48,6 @@ from utils.distributed import (
 )
 from utils.ema import ModelEMA
 from utils.engine import (
-    NonFiniteLossError,
     StepStats,
     resolve_amp_dtype,
     resolve_device,
@@ -56,6 +55,7 @@ from utils.engine import (
     steps_lr_lambda,
     train_one_epoch,
 )
+from utils.errors import USER_ERRORS
 from utils.evaluation import evaluate_detections
 from utils.metrics_log import MetricsLogger
 
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise ConfigError("give --config FILE (or --resume CHECKPOINT)")
         summary = train(cfg, resume=args.resume, show_progress=not args.no_progress)
-    except (ConfigError, CheckpointError, NonFiniteLossError) as error:
+    except USER_ERRORS as error:
         logger.error("%s", error)
         return 2
     finally:

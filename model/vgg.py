@@ -24,6 +24,10 @@ VGG16_LAYOUT: tuple[int | str, ...] = (
 )
 
 
+class WeightsDownloadError(RuntimeError):
+    """The ImageNet weights could not be downloaded (offline machine); the message says what to do."""
+
+
 class WeightsError(ValueError):
     """A VGG16 weights file that is missing, unreadable or does not fit the conv base."""
 
@@ -116,7 +120,7 @@ def load_vgg16_weights(features: nn.Sequential, *, batch_norm: bool, pretrained:
         try:
             state_dict = load_state_dict_from_url(weights.url, progress=False, check_hash=True)
         except Exception as exc:  # URLError, OSError, hash mismatch: all end here
-            raise RuntimeError(
+            raise WeightsDownloadError(
                 f"could not download the ImageNet VGG16 weights from {weights.url} ({exc}). Download that "
                 f"file on a machine with internet access and pass model.weights_path=/path/to/{file_name} "
                 "(a torchvision state_dict), or set model.pretrained=false to train from scratch."

@@ -193,3 +193,25 @@ def test_periodic_step_checkpoint_survives_a_crash_and_resumes_exactly(tmp_path,
     assert (checkpoint["epoch"], checkpoint["batches_done"], checkpoint["global_step"]) == (0, 2, 2)
     assert train_module.main(["--resume", last, "--no-progress"]) == 0
     assert state_dicts_equal(load_checkpoint(last)["model"], expected)
+
+
+def test_offline_pretrained_weights_stop_with_instructions(tmp_path, monkeypatch, capfd):
+    import urllib.error
+
+    import model.vgg
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(model.vgg, "load_state_dict_from_url", offline)
+    overrides = tiny_overrides(tmp_path, name="pre", epochs=1)
+    code = train_module.main(["--config", str(REPO / "configs" / "demo.yaml"), *overrides,
+                              "model.pretrained=true", "model.width_mult=1.0"])  # fmt: skip
+    assert code == 2
+    err = capfd.readouterr().err
+    assert "could not download the ImageNet VGG16 weights" in err and "model.weights_path=" in err
+    assert "Traceback" not in err
+
+    code = train_module.main(["--config", str(REPO / "configs" / "demo.yaml"), *overrides, "model.pretrained=true"])
+    assert code == 2
+    assert "width_mult=1.0" in capfd.readouterr().err

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data.records import ImageRecord
+from utils.config import ConfigError
 from utils.distributed import DistributedContext, all_gather_objects
 from utils.ema import ModelEMA
 from utils.voc_eval import ImageDetections, ImageGroundTruth
@@ -31,7 +32,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"config key 'train.device' is {name!r} but CUDA is not available on this machine")
+        raise ConfigError(f"config key 'train.device' is {name!r} but CUDA is not available on this machine")
     return device
 
 
@@ -45,7 +46,7 @@ def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         return None
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     if device.type == "cpu" and dtype is torch.float16:
-        raise RuntimeError("config key 'train.amp': fp16 autocast is CUDA-only; use bf16 on CPU")
+        raise ConfigError("config key 'train.amp': fp16 autocast is CUDA-only; use bf16 or fp32 on CPU")
     return dtype
 
 
