@@ -48,6 +48,13 @@ def crash_at_loss_call(monkeypatch, call_number, make_output=None):
     monkeypatch.setattr(train_module, "build_criterion", build)
 
 
+def uninterrupted_weights(tmp_path):
+    """Final weights of the tiny 2-epoch run trained straight through."""
+    straight = tiny_config(tmp_path, name="straight", epochs=2)
+    train_module.train(straight, show_progress=False)
+    return load_checkpoint(os.path.join(run_dir(straight), "last.pt"))["model"]
+
+
 def test_same_seed_same_weights_and_exact_resume(tmp_path, monkeypatch):
     straight = tiny_config(tmp_path, name="straight", epochs=2)
     summary = train_module.train(straight, show_progress=False)
@@ -73,9 +80,7 @@ def test_same_seed_same_weights_and_exact_resume(tmp_path, monkeypatch):
 
 
 def test_interrupt_mid_epoch_then_resume_is_exact(tmp_path, monkeypatch):
-    straight = tiny_config(tmp_path, name="straight", epochs=2)
-    train_module.train(straight, show_progress=False)
-    expected = load_checkpoint(os.path.join(run_dir(straight), "last.pt"))["model"]
+    expected = uninterrupted_weights(tmp_path)
 
     polls = {"n": 0}
 
@@ -178,9 +183,7 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
 
 
 def test_periodic_step_checkpoint_survives_a_crash_and_resumes_exactly(tmp_path, monkeypatch):
-    straight = tiny_config(tmp_path, name="straight", epochs=2)
-    train_module.train(straight, show_progress=False)
-    expected = load_checkpoint(os.path.join(run_dir(straight), "last.pt"))["model"]
+    expected = uninterrupted_weights(tmp_path)
 
     crashed = tiny_config(tmp_path, name="steps", epochs=2)
     crashed.train.save_every_steps = 2
