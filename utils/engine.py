@@ -232,6 +232,7 @@ def run_inference(
     top_k: int,
     context: DistributedContext,
     activation: str = "softmax",
+    show_progress: bool = True,
 ) -> list[ImageDetections]:
     """Detections for every record (in record order) in devkit pixel coordinates.
 
@@ -251,7 +252,8 @@ def run_inference(
     )
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     shard_results: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
-    for images, indices in tqdm(loader, desc="inference", disable=not context.is_main, leave=False):
+    progress = tqdm(loader, desc="inference", disable=not (context.is_main and show_progress), leave=False)
+    for images, indices in progress:
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         with autocast_context(device, amp_dtype):
             locs, scores = detector(images)
