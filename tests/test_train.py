@@ -14,6 +14,7 @@ import train as train_module
 from tests.train_helpers import REPO, state_dicts_equal, tiny_config, tiny_overrides
 from utils.checkpoint import load_checkpoint
 from utils.config import load_config
+from utils.engine import NonFiniteLossError
 
 
 def run_dir(cfg):
@@ -133,7 +134,7 @@ def test_metrics_log_and_resolved_config_are_written(tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, name="nan", epochs=2)
     crash_at_loss_call(monkeypatch, call_number=5, make_output=lambda out: out._replace(total=out.total * float("nan")))
-    with pytest.raises(train_module.NonFiniteLossError, match=r"loss became nan at epoch 2, step 5"):
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 2, step 5"):
         train_module.train(cfg, show_progress=False)
     checkpoint = load_checkpoint(os.path.join(run_dir(cfg), "last.pt"))
     assert (checkpoint["epoch"], checkpoint["batches_done"]) == (1, 0)
