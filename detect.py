@@ -34,7 +34,7 @@ class InputError(ValueError):
     """An input path that names no readable image."""
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Detect objects with a Tiny-Detector checkpoint; writes annotated images and a JSON of "
         "detections in pixel coordinates."
@@ -46,7 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-overlap", type=float, default=0.45, help="NMS IoU threshold")
     parser.add_argument("--top-k", type=int, default=200, help="most detections kept per image")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def resolve_inputs(pattern: str) -> list[Path]:

@@ -33,7 +33,7 @@ from utils.voc_results import read_voc_results, write_voc_results
 logger = logging.getLogger("eval")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Evaluate the Tiny-Detector on the test split of a config's dataset: per-class VOC AP "
         "(VOC2007 11-point and VOC2010+ area), their means, and COCO-style metrics.",
@@ -56,7 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-coco", action="store_true", help="skip the COCO-style metrics")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the config's train.device)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def write_json_atomically(obj: Any, path: Path) -> None:

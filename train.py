@@ -62,7 +62,7 @@ from utils.metrics_log import MetricsLogger
 logger = logging.getLogger("train")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train the Tiny-Detector (VGG16 base, 441 priors) from a YAML config.",
         epilog="Any config key can be overridden after the flags as dotted key=value pairs, e.g. "
@@ -78,7 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bars")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 class StopRequest:
