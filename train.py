@@ -23,9 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data.dataset import DetectionDataset, collate_detections
 from data.sampler import ResumableSampler, SeededSamples
-from data.transforms import build_eval_transform, build_train_transform
+from data.transforms import build_eval_transform
 from model.loss import score_activation_for
 from utils.builders import (
+    build_augmentation,
     build_criterion,
     build_model,
     build_optimizer,
@@ -110,26 +111,19 @@ class StopRequest:
         return self.signal_name is not None
 
 
-def build_datasets(cfg: Config) -> tuple[DetectionDataset, DetectionDataset, list, list]:
+def build_datasets(cfg: Config) -> tuple[DetectionDataset, DetectionDataset]:
+    """Training and test datasets; each keeps its records in `.records`."""
     prepare_synthetic(cfg.data)
-    train_records = load_split_records(cfg.data, "train")
-    test_records = load_split_records(cfg.data, "test")
-    augment = cfg.augment
-    train_transform = build_train_transform(
-        image_size=cfg.model.image_size,
-        photometric=augment.photometric,
-        expand_max_ratio=augment.expand_max_ratio,
-        expand_probability=augment.expand_probability,
-        random_crop=augment.random_crop,
-        horizontal_flip=augment.horizontal_flip,
-    )
     train_dataset = DetectionDataset(
-        train_records, train_transform, use_difficult=cfg.data.train_use_difficult, cache_images=cfg.data.cache_images
+        load_split_records(cfg.data, "train"),
+        build_augmentation(cfg.augment, cfg.model.image_size),
+        use_difficult=cfg.data.train_use_difficult,
+        cache_images=cfg.data.cache_images,
     )
     test_dataset = DetectionDataset(
-        test_records, build_eval_transform(cfg.model.image_size), use_difficult=True, cache_images=False
+        load_split_records(cfg.data, "test"), build_eval_transform(cfg.model.image_size), use_difficult=True
     )
-    return train_dataset, test_dataset, train_records, test_records
+    return train_dataset, test_dataset
 
 
 def checkpoint_state(
@@ -210,7 +204,8 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     broadcast_object(None, context)
     if not context.is_main:
         datasets = build_datasets(cfg)
-    train_dataset, test_dataset, _train_records, test_records = datasets
+    train_dataset, test_dataset = datasets
+    test_records = test_dataset.records
     class_names = list(cfg.data.classes)
 
     model = build_model(cfg.model, len(class_names), cfg.loss.classification).to(device)

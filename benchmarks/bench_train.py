@@ -26,9 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data.dataset import DetectionDataset, collate_detections  # noqa: E402
 from data.sampler import ResumableSampler, SeededSamples  # noqa: E402
 from data.synthetic import generate_shapes_dataset  # noqa: E402
-from data.transforms import build_train_transform  # noqa: E402
 from data.voc import load_vocdevkit  # noqa: E402
-from utils.builders import build_criterion, build_model, build_optimizer  # noqa: E402
+from utils.builders import build_augmentation, build_criterion, build_model, build_optimizer  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.ema import ModelEMA  # noqa: E402
 from utils.engine import autocast_context, resolve_amp_dtype, resolve_device  # noqa: E402
@@ -38,12 +37,7 @@ def build_loader(cfg, root: Path, n_images: int, batch_size: int):
     synthetic = cfg.data.synthetic
     generate_shapes_dataset(root, seed=0, n_trainval=n_images, n_test=1, image_size=synthetic.image_size)
     records = load_vocdevkit(root / "VOCdevkit", [("SHAPES", "trainval")], list(cfg.data.classes), cache_dir=None)
-    augment = cfg.augment
-    transform = build_train_transform(
-        image_size=cfg.model.image_size, photometric=augment.photometric,
-        expand_max_ratio=augment.expand_max_ratio, expand_probability=augment.expand_probability,
-        random_crop=augment.random_crop, horizontal_flip=augment.horizontal_flip,
-    )  # fmt: skip
+    transform = build_augmentation(cfg.augment, cfg.model.image_size)
     dataset = DetectionDataset(records, transform, use_difficult=False, cache_images=cfg.data.cache_images)
     sampler = ResumableSampler(len(dataset), batch_size=batch_size, seed=0, drop_last=True)
     workers = cfg.data.num_workers

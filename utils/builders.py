@@ -8,17 +8,19 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import albumentations as A
 import torch
 from torch import nn
 
 from data.coco import load_coco
 from data.records import ImageRecord
 from data.synthetic import SHAPES_CLASSES, generate_shapes_dataset
+from data.transforms import build_train_transform
 from data.voc import load_image_folder, load_vocdevkit
 from model.detector import TinyDetector
 from model.loss import MultiBoxLoss
 from utils.checkpoint import CheckpointError
-from utils.config import ConfigError, DataConfig, LossConfig, ModelConfig, TrainConfig
+from utils.config import AugmentConfig, ConfigError, DataConfig, LossConfig, ModelConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +101,18 @@ def load_split_records(data: DataConfig, split: str) -> list[ImageRecord]:
             f"config key 'data.classes' {classes} does not match the categories of {annotations}: {coco_classes}"
         )
     return records
+
+
+def build_augmentation(augment: AugmentConfig, image_size: int) -> A.Compose:
+    """The training augmentation the `augment` section describes."""
+    return build_train_transform(
+        image_size=image_size,
+        photometric=augment.photometric,
+        expand_max_ratio=augment.expand_max_ratio,
+        expand_probability=augment.expand_probability,
+        random_crop=augment.random_crop,
+        horizontal_flip=augment.horizontal_flip,
+    )
 
 
 def build_model(model: ModelConfig, n_object_classes: int, classification: str = "hard_negative") -> TinyDetector:
