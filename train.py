@@ -43,6 +43,7 @@ from utils.checkpoint import (
 from utils.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, save_config
 from utils.distributed import (
     all_gather_objects,
+    any_rank,
     broadcast_object,
     cleanup_distributed,
     init_distributed,
@@ -290,6 +291,12 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     metrics = MetricsLogger(run_dir, enabled=context.is_main)
     stop = StopRequest()
     stop.install()
+
+    def stop_requested() -> bool:
+        # Collective: ranks must leave the loop at the same step, or one would wait forever in the next
+        # gradient all-reduce for a peer that has stopped.
+        return any_rank(stop(), context)
+
     state = {"epoch": start_epoch, "batches_done": skip_batches, "global_step": global_step}
 
     def save(name: str) -> None:
@@ -338,11 +345,12 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
                 epoch=epoch + 1, global_step=state["global_step"],
                 total_batches=steps_per_epoch - state["batches_done"], amp_dtype=amp_dtype,
                 channels_last=cfg.train.channels_last, grad_clip_norm=cfg.train.grad_clip_norm, context=context,
-                on_step=on_step, should_stop=stop, show_progress=show_progress, ema=ema,
+                on_step=on_step, should_stop=stop_requested, show_progress=show_progress, ema=ema,
             )  # fmt: skip
             if interrupted:
                 save("last.pt")
-                logger.warning("stopped by %s; resume with --resume %s", stop.signal_name, run_dir / "last.pt")
+                logger.warning("stopped by %s; resume with --resume %s", stop.signal_name or "another rank",
+                               run_dir / "last.pt")
                 break
             state["epoch"], state["batches_done"] = epoch + 1, 0
             finished = epoch + 1
@@ -355,9 +363,10 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
                     best_map = last_map
                     save("best.pt")
             save("last.pt")
-            if stop():
+            if stop_requested():
                 interrupted = True
-                logger.warning("stopped by %s; resume with --resume %s", stop.signal_name, run_dir / "last.pt")
+                logger.warning("stopped by %s; resume with --resume %s", stop.signal_name or "another rank",
+                               run_dir / "last.pt")
                 break
             if cfg.train.stop_at_map is not None and last_map is not None and last_map >= cfg.train.stop_at_map:
                 logger.info("VOC07 mAP %.4f reached train.stop_at_map=%s: stopping", last_map, cfg.train.stop_at_map)

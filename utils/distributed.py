@@ -73,3 +73,12 @@ def all_reduce_mean(value: torch.Tensor, context: DistributedContext) -> torch.T
     value = value.clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value / context.world_size
+
+
+def any_rank(flag: bool, context: DistributedContext) -> bool:
+    """True on every rank when `flag` is true on at least one (e.g. a stop request that reached one rank)."""
+    if not context.enabled:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
