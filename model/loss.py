@@ -105,13 +105,14 @@ class MultiBoxLoss(nn.Module):
         focal_gamma: focusing parameter of the focal losses.
         focal_alpha: weight of foreground targets in the focal losses (background gets ``1 - alpha``).
         ignore_threshold: for the focal losses, priors that are not positive but whose best IoU is
-            ``>= ignore_threshold`` are ambiguous and left out of the classification loss (RetinaNet).
+            ``>= ignore_threshold`` are ambiguous and left out of the classification loss (RetinaNet);
+            default ``min(0.4, threshold)``.
     """
 
     def __init__(self, priors_cxcywh: Tensor, threshold: float = 0.5, neg_pos_ratio: float = 3,
                  alpha: float = 1.0, variances: Sequence[float] = (0.1, 0.2),
                  classification: str = "hard_negative", focal_gamma: float = 2.0, focal_alpha: float = 0.25,
-                 ignore_threshold: float = 0.4) -> None:
+                 ignore_threshold: float | None = None) -> None:
         super().__init__()
         if priors_cxcywh.dim() != 2 or priors_cxcywh.shape[1] != 4 or priors_cxcywh.shape[0] == 0:
             raise LossInputError(
@@ -120,6 +121,8 @@ class MultiBoxLoss(nn.Module):
         score_activation_for(classification)  # validates the name
         if not 0.0 < threshold <= 1.0:
             raise LossInputError(f"threshold must be in (0, 1], got {threshold!r}")
+        if ignore_threshold is None:  # RetinaNet's 0.4, or the threshold itself when that is lower
+            ignore_threshold = min(0.4, threshold)
         if not 0.0 <= ignore_threshold <= threshold:
             raise LossInputError(
                 f"ignore_threshold must be in [0, threshold={threshold}], got {ignore_threshold!r}"

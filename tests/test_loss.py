@@ -240,6 +240,12 @@ def test_bad_shapes_and_options():
         MultiBoxLoss(PRIORS, ignore_threshold=0.6)
 
 
+def test_ignore_threshold_defaults_below_a_low_matching_threshold():
+    # RetinaNet's ignore band starts at 0.4; a matching threshold under it leaves no band, not an error.
+    assert MultiBoxLoss(PRIORS).ignore_threshold == 0.4
+    assert MultiBoxLoss(PRIORS, threshold=0.3, classification="focal_sigmoid").ignore_threshold == 0.3
+
+
 def test_score_activation():
     assert score_activation_for("focal_sigmoid") == "sigmoid"
     assert MultiBoxLoss(PRIORS, classification="focal_softmax").score_activation == "softmax"
