@@ -30,7 +30,12 @@ from data.voc import load_vocdevkit  # noqa: E402
 from utils.builders import build_augmentation, build_criterion, build_model, build_optimizer  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.ema import ModelEMA  # noqa: E402
-from utils.engine import autocast_context, resolve_amp_dtype, resolve_device  # noqa: E402
+from utils.engine import (  # noqa: E402
+    autocast_context,
+    configure_cpu_training,
+    resolve_amp_dtype,
+    resolve_device,
+)
 
 
 def build_loader(cfg, root: Path, n_images: int, batch_size: int):
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(cfg.train.device)
     if device.type == "cpu":
-        torch.set_flush_denormal(True)
+        configure_cpu_training()  # as train.py does
     amp_dtype = resolve_amp_dtype(cfg.train.amp, device)
     channels_last = cfg.train.channels_last
     batch = cfg.train.batch_size

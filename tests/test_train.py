@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import train as train_module
 from tests.train_helpers import REPO, state_dicts_equal, tiny_config, tiny_overrides
 from utils.checkpoint import load_checkpoint
 from utils.config import load_config
-from utils.engine import NonFiniteLossError
+from utils.engine import NonFiniteLossError, keep_freed_memory_in_process
 
 
 def run_dir(cfg):
@@ -219,3 +220,8 @@ def test_offline_pretrained_weights_stop_with_instructions(tmp_path, monkeypatch
     code = train_module.main(["--config", str(REPO / "configs" / "demo.yaml"), *overrides, "model.pretrained=true"])
     assert code == 2
     assert "width_mult=1.0" in capfd.readouterr().err
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_freed_activation_memory_stays_in_the_process_on_glibc():
+    assert keep_freed_memory_in_process() is True

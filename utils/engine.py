@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import math
 import time
@@ -34,6 +35,33 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"config key 'train.device' is {name!r} but CUDA is not available on this machine")
     return device
+
+
+def keep_freed_memory_in_process() -> bool:
+    """Stop glibc from handing freed activation buffers back to the kernel between training steps.
+
+    By default glibc serves blocks above a (dynamic) threshold with mmap and trims the top of the heap on
+    free, so each step's multi-megabyte activations are unmapped and then page-faulted back in, zeroed,
+    on the next step: about 60,000 page faults a second in a CPU training run here. Raising both
+    thresholds keeps that memory in the process (it is reused every step anyway). Returns whether the
+    settings took effect (False off glibc, e.g. on macOS or musl).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    # 32 MiB is the largest mmap threshold glibc accepts on 64-bit systems.
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
+
+
+def configure_cpu_training() -> None:
+    """Process-wide CPU settings for training (no effect on results beyond flushing subnormals)."""
+    # Tiny gradients and moments of a from-scratch model become subnormal floats, which x86 CPUs
+    # process tens of times slower; flushing them to zero changes nothing measurable in accuracy.
+    torch.set_flush_denormal(True)
+    keep_freed_memory_in_process()
 
 
 def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
