@@ -84,10 +84,7 @@ def hard_negative_mask(neg_loss: Tensor, positive: Tensor, neg_pos_ratio: float)
         return mask
     # Positives rank last, so the first n_neg_i ranked priors of an image are all negatives.
     ranked = neg_loss.detach().masked_fill(positive, -math.inf)
-    # An unsorted topk and then a sort of its k_max values is several times faster on CPU than a sorted
-    # topk, whose partial sort slows down sharply as k_max approaches the number of priors.
-    values, candidates = ranked.topk(k_max, dim=1, sorted=False)  # (N, k_max)
-    order = candidates.gather(1, values.argsort(dim=1, descending=True))
+    order = ranked.topk(k_max, dim=1, sorted=True).indices  # (N, k_max)
     keep = torch.arange(k_max, device=order.device) < n_neg
     return mask.scatter_(1, order, keep)
 
@@ -227,13 +224,10 @@ class MultiBoxLoss(nn.Module):
 
         # Only positives have a localization target: encode just their matched boxes (a few hundred),
         # not a target for every prior.
-        n_priors, max_boxes = priors.shape[0], gt_boxes.shape[1]
-        flat = positive.view(-1).nonzero().squeeze(1)  # image * n_priors + prior
-        image_idx, prior_idx = flat.div(n_priors, rounding_mode="floor"), flat.remainder(n_priors)
-        matched = gt_boxes.view(-1, 4).index_select(0, image_idx * max_boxes + matches.gt_index.view(-1)[flat])
-        target_locs = encode_boxes(matched, priors.index_select(0, prior_idx), self.variances)
-        predicted = locs.reshape(-1, 4).index_select(0, flat)
-        loc_sum = F.smooth_l1_loss(predicted, target_locs, beta=1.0, reduction="sum")
+        image_idx, prior_idx = positive.nonzero(as_tuple=True)
+        matched = gt_boxes[image_idx, matches.gt_index[image_idx, prior_idx]]
+        target_locs = encode_boxes(matched, priors[prior_idx], self.variances)
+        loc_sum = F.smooth_l1_loss(locs[image_idx, prior_idx], target_locs, beta=1.0, reduction="sum")
         loc_loss = loc_sum / normalizer
 
         if self.classification == "hard_negative":
@@ -256,12 +250,8 @@ class MultiBoxLoss(nn.Module):
         with torch.no_grad():
             background_ce = -F.log_softmax(scores, dim=-1)[..., 0]
         hard_neg = hard_negative_mask(background_ce, positive, self.neg_pos_ratio)
-        # Flat row indices and index_select: much cheaper on CPU than two-tensor advanced indexing, in
-        # the forward and in the backward (index_add instead of index_put).
-        rows = (positive | hard_neg).view(-1).nonzero().squeeze(1)
-        n_classes = scores.shape[2]
-        return F.cross_entropy(scores.reshape(-1, n_classes).index_select(0, rows), target.view(-1)[rows],
-                               reduction="sum")
+        image_idx, prior_idx = (positive | hard_neg).nonzero(as_tuple=True)
+        return F.cross_entropy(scores[image_idx, prior_idx], target[image_idx, prior_idx], reduction="sum")
 
     def _sigmoid_focal(self, scores: Tensor, target: Tensor) -> Tensor:
         # One binary problem per object class; background is the all-zero target, its logit unused.

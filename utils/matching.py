@@ -121,20 +121,24 @@ def match_priors(gt_boxes_xyxy: Tensor, gt_labels: Tensor, valid: Tensor, priors
     n_images, max_boxes, _ = gt_boxes_xyxy.shape
     n_priors = priors_cxcywh.shape[0]
 
-    # IoU of the real boxes only, as flat (B, P) rows; the per-prior reduction then runs on a (N, M, P)
-    # copy where padding rows hold -1. torch.max over a dimension returns the first maximum, which is
-    # exactly the "lowest slot on ties" rule, in one pass.
+    # Work on the real boxes only, as flat (B, P) rows tagged with their image and slot, with per-image
+    # reductions as scatter_reduce calls: no (N, M, P) tensor, so the cost follows the real box count
+    # rather than the padding (a few crowded images would otherwise inflate M for the whole batch).
     box_image, box_slot = valid.nonzero(as_tuple=True)  # (B,), row-major: same order as [valid]
     iou = pairwise_iou(gt_boxes_xyxy[valid], cxcywh_to_xyxy(priors_cxcywh))  # (B, P)
-    padded = iou.new_full((n_images * max_boxes, n_priors), -1.0)
-    padded.index_copy_(0, box_image * max_boxes + box_slot, iou)
-    prior_iou, prior_gt = padded.view(n_images, max_boxes, n_priors).max(dim=1)  # (N, P) each
+    rows = box_image[:, None].expand_as(iou)
+
+    # Best box of each prior: the highest IoU (-1 in images without boxes), then the lowest slot on ties.
+    # Slots travel as floats (exact below 2**24) because float scatter_reduce is ~20x faster on CPU.
+    prior_iou = iou.new_full((n_images, n_priors), -1.0).scatter_reduce_(0, rows, iou, reduce="amax")
+    slot = box_slot.to(iou.dtype)
+    slot_if_best = torch.where(iou == prior_iou.index_select(0, box_image), slot[:, None], float(max_boxes))
+    prior_gt = iou.new_full((n_images, n_priors), float(max_boxes))
+    prior_gt = prior_gt.scatter_reduce_(0, rows, slot_if_best, reduce="amin").long().clamp_(max=max_boxes - 1)
 
     # Claims: every box claims its best prior (first index on ties). Per claimed prior the highest claim
     # IoU wins, then the lowest slot among the claimants reaching it.
     claim_iou, claim_prior = iou.max(dim=1)  # (B,)
-    # Slots travel as floats (exact below 2**24) because float scatter_reduce is ~20x faster on CPU.
-    slot = box_slot.to(iou.dtype)
     flat_prior = box_image * n_priors + claim_prior
     best_claim = iou.new_full((n_images * n_priors,), -1.0).scatter_reduce_(0, flat_prior, claim_iou, "amax")
     slot_if_winner = torch.where(claim_iou == best_claim[flat_prior], slot, float(max_boxes))
