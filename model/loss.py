@@ -59,10 +59,12 @@ def score_activation_for(classification: str) -> str:
     return "sigmoid" if classification == "focal_sigmoid" else "softmax"
 
 
-def hard_negative_mask(neg_loss: Tensor, positive: Tensor, neg_pos_ratio: float) -> Tensor:
+def hard_negative_mask(neg_loss: Tensor, positive: Tensor, neg_pos_ratio: float,
+                       ignored: Tensor | None = None) -> Tensor:
     """Select, per image, the ``neg_pos_ratio * n_pos`` negatives with the highest loss.
 
-    The count is capped by the image's number of negatives. One ``topk`` with the batch's largest count
+    Negatives are the priors that are neither positive nor ``ignored``; the count is capped by the
+    image's number of negatives. One ``topk`` with the batch's largest count
     ranks every image at once; each image then keeps the first ``n_neg_i`` of its ranked priors. (The
     classic alternative, sorting the losses and then sorting the sort indices to get every prior's rank,
     selects the same set but costs two full sorts.)
@@ -71,19 +73,21 @@ def hard_negative_mask(neg_loss: Tensor, positive: Tensor, neg_pos_ratio: float)
         neg_loss: ``(N, P)`` per-prior classification loss (no gradient needed).
         positive: ``(N, P)`` bool.
         neg_pos_ratio: negatives kept per positive.
+        ignored: optional ``(N, P)`` bool, priors that may not be chosen (e.g. near misses of a box).
 
     Returns:
-        ``(N, P)`` bool mask of the selected negatives (never a positive).
+        ``(N, P)`` bool mask of the selected negatives (never a positive or an ignored prior).
     """
-    n_priors = positive.shape[1]
+    excluded = positive if ignored is None else positive | ignored
     n_pos = positive.sum(dim=1, keepdim=True)
-    n_neg = torch.minimum((n_pos * neg_pos_ratio).floor().long(), n_priors - n_pos)  # (N, 1)
+    n_available = excluded.shape[1] - excluded.sum(dim=1, keepdim=True)
+    n_neg = torch.minimum((n_pos * neg_pos_ratio).floor().long(), n_available)  # (N, 1)
     k_max = int(n_neg.max()) if n_neg.numel() else 0
     mask = torch.zeros_like(positive)
     if k_max == 0:
         return mask
-    # Positives rank last, so the first n_neg_i ranked priors of an image are all negatives.
-    ranked = neg_loss.detach().masked_fill(positive, -math.inf)
+    # Excluded priors rank last, so the first n_neg_i ranked priors of an image are all negatives.
+    ranked = neg_loss.detach().masked_fill(excluded, -math.inf)
     order = ranked.topk(k_max, dim=1, sorted=True).indices  # (N, k_max)
     keep = torch.arange(k_max, device=order.device) < n_neg
     return mask.scatter_(1, order, keep)
@@ -101,9 +105,10 @@ class MultiBoxLoss(nn.Module):
         classification: ``"hard_negative"``, ``"focal_sigmoid"`` or ``"focal_softmax"``.
         focal_gamma: focusing parameter of the focal losses.
         focal_alpha: weight of foreground targets in the focal losses (background gets ``1 - alpha``).
-        ignore_threshold: for the focal losses, priors that are not positive but whose best IoU is
-            ``>= ignore_threshold`` are ambiguous and left out of the classification loss (RetinaNet);
-            default ``min(0.4, threshold)``.
+        ignore_threshold: priors that are not positive but whose best IoU is ``>= ignore_threshold``
+            are near misses, left out of the classification loss instead of being trained as
+            background. Default: ``min(0.4, threshold)`` for the focal losses (RetinaNet's band), no
+            band for ``hard_negative`` (SSD's recipe, where every non-positive prior is a negative).
     """
 
     def __init__(self, priors_cxcywh: Tensor, threshold: float = 0.5, neg_pos_ratio: float = 3,
@@ -118,9 +123,9 @@ class MultiBoxLoss(nn.Module):
         score_activation_for(classification)  # validates the name
         if not 0.0 < threshold <= 1.0:
             raise LossInputError(f"threshold must be in (0, 1], got {threshold!r}")
-        if ignore_threshold is None:  # RetinaNet's 0.4, or the threshold itself when that is lower
-            ignore_threshold = min(0.4, threshold)
-        if not 0.0 <= ignore_threshold <= threshold:
+        if ignore_threshold is None and classification != "hard_negative":
+            ignore_threshold = min(0.4, threshold)  # RetinaNet's 0.4, or the threshold when that is lower
+        if ignore_threshold is not None and not 0.0 <= ignore_threshold <= threshold:
             raise LossInputError(
                 f"ignore_threshold must be in [0, threshold={threshold}], got {ignore_threshold!r}"
             )
@@ -143,7 +148,7 @@ class MultiBoxLoss(nn.Module):
         self.classification = classification
         self.focal_gamma = float(focal_gamma)
         self.focal_alpha = float(focal_alpha)
-        self.ignore_threshold = float(ignore_threshold)
+        self.ignore_threshold = None if ignore_threshold is None else float(ignore_threshold)
 
     @property
     def score_activation(self) -> str:
@@ -230,10 +235,12 @@ class MultiBoxLoss(nn.Module):
         loc_sum = F.smooth_l1_loss(locs[image_idx, prior_idx], target_locs, beta=1.0, reduction="sum")
         loc_loss = loc_sum / normalizer
 
-        if self.classification == "hard_negative":
-            conf_loss = self._hard_negative_loss(scores, matches.labels, positive) / normalizer
-        else:
+        ignored = None
+        if self.ignore_threshold is not None:
             ignored = ~positive & (matches.iou >= self.ignore_threshold)
+        if self.classification == "hard_negative":
+            conf_loss = self._hard_negative_loss(scores, matches.labels, positive, ignored) / normalizer
+        else:
             if self.classification == "focal_sigmoid":
                 per_prior = self._sigmoid_focal(scores, matches.labels)
             else:
@@ -243,13 +250,14 @@ class MultiBoxLoss(nn.Module):
         total = conf_loss + self.alpha * loc_loss
         return LossOutput(total=total, localization=loc_loss, confidence=conf_loss, n_positives=int(n_pos))
 
-    def _hard_negative_loss(self, scores: Tensor, target: Tensor, positive: Tensor) -> Tensor:
+    def _hard_negative_loss(self, scores: Tensor, target: Tensor, positive: Tensor,
+                            ignored: Tensor | None) -> Tensor:
         # Negatives are ranked by their background cross-entropy, computed without autograd; only the
         # positives and the chosen negatives (about 4 x n_pos of N x P priors) then get a differentiable
         # cross-entropy, so the backward pass touches those rows only.
         with torch.no_grad():
             background_ce = -F.log_softmax(scores, dim=-1)[..., 0]
-        hard_neg = hard_negative_mask(background_ce, positive, self.neg_pos_ratio)
+        hard_neg = hard_negative_mask(background_ce, positive, self.neg_pos_ratio, ignored)
         image_idx, prior_idx = (positive | hard_neg).nonzero(as_tuple=True)
         return F.cross_entropy(scores[image_idx, prior_idx], target[image_idx, prior_idx], reduction="sum")
 

@@ -19,11 +19,13 @@ PRIORS = xyxy_to_cxcywh(torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]
 
 def reference_multibox_loss(locs, scores, boxes, labels, priors_cxcywh, *, threshold=0.5, neg_pos_ratio=3,
                             alpha=1.0, variances=(0.1, 0.2), classification="hard_negative",
-                            focal_gamma=2.0, focal_alpha=0.25, ignore_threshold=0.4):
+                            focal_gamma=2.0, focal_alpha=0.25, ignore_threshold=None):
     """One image and one box at a time, every formula written out. Returns (total, loc, conf, n_pos)."""
     priors_xyxy = torch.cat([priors_cxcywh[:, :2] - priors_cxcywh[:, 2:] / 2,
                              priors_cxcywh[:, :2] + priors_cxcywh[:, 2:] / 2], dim=1)
     n_priors, n_classes = scores.shape[1], scores.shape[2]
+    if ignore_threshold is None:
+        ignore_threshold = 2.0 if classification == "hard_negative" else min(0.4, threshold)  # 2: no band
     loc_sum, conf_sum, n_pos_total = torch.zeros(()), torch.zeros(()), 0
     for i in range(locs.shape[0]):
         target = torch.zeros(n_priors, dtype=torch.long)
@@ -58,7 +60,7 @@ def reference_multibox_loss(locs, scores, boxes, labels, priors_cxcywh, *, thres
         keep = positive | (best_iou < ignore_threshold)
         if classification == "hard_negative":
             ce = -log_probs[torch.arange(n_priors), target]
-            neg_ce = ce[~positive]
+            neg_ce = ce[~positive & keep]
             k = min(int(neg_pos_ratio * n_pos), neg_ce.numel())
             conf_sum = conf_sum + ce[positive].sum() + neg_ce.sort(descending=True).values[:k].sum()
         elif classification == "focal_sigmoid":
@@ -99,16 +101,19 @@ def one_box_case():
     return boxes, labels, scores
 
 
-@pytest.mark.parametrize("classification", ["hard_negative", "focal_sigmoid", "focal_softmax"])
-def test_equals_reference_on_random_batches(classification):
+@pytest.mark.parametrize(("classification", "ignore_threshold"), [
+    ("hard_negative", None), ("hard_negative", 0.4), ("focal_sigmoid", None), ("focal_softmax", None),
+])
+def test_equals_reference_on_random_batches(classification, ignore_threshold):
     g = torch.Generator().manual_seed(0)
     priors = create_prior_boxes()
-    loss_fn = MultiBoxLoss(priors, classification=classification)
+    loss_fn = MultiBoxLoss(priors, classification=classification, ignore_threshold=ignore_threshold)
     for _ in range(4):
         locs, scores, boxes, labels = random_batch(6, 10, 21, g)
         out = loss_fn(locs, scores, boxes, labels)
         total, loc, conf, n_pos = reference_multibox_loss(locs, scores, boxes, labels, priors,
-                                                          classification=classification)
+                                                          classification=classification,
+                                                          ignore_threshold=ignore_threshold)
         assert out.n_positives == n_pos
         assert torch.allclose(out.localization, loc, rtol=1e-5, atol=1e-5), (out.localization, loc)
         assert torch.allclose(out.confidence, conf, rtol=1e-5, atol=1e-5), (out.confidence, conf)
@@ -149,6 +154,17 @@ def test_hard_negative_count_is_three_to_one_and_capped():
     # the chosen negatives are the hardest ones
     negatives = ~positive[0]
     assert neg_loss[0][mask[0]].min() > neg_loss[0][negatives & ~mask[0]].max()
+
+
+def test_hard_negatives_skip_ignored_priors():
+    neg_loss = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5, 0.1]])
+    positive = torch.tensor([[False, False, False, False, False, True]])
+    ignored = torch.tensor([[True, False, True, False, False, False]])  # the two hardest: near misses
+    assert hard_negative_mask(neg_loss, positive, 2, ignored).tolist() == [[False, True, False, True, False,
+                                                                            False]]
+    positive[0, :] = False
+    positive[0, 3:] = True  # 3 positives -> 6 wanted, 1 left (priors 0 and 2 ignored)
+    assert hard_negative_mask(neg_loss, positive, 2, ignored).sum().item() == 1
 
 
 def test_focal_sigmoid_hand_computed():
@@ -242,8 +258,9 @@ def test_bad_shapes_and_options():
 
 def test_ignore_threshold_defaults_below_a_low_matching_threshold():
     # RetinaNet's ignore band starts at 0.4; a matching threshold under it leaves no band, not an error.
-    assert MultiBoxLoss(PRIORS).ignore_threshold == 0.4
+    assert MultiBoxLoss(PRIORS, classification="focal_sigmoid").ignore_threshold == 0.4
     assert MultiBoxLoss(PRIORS, threshold=0.3, classification="focal_sigmoid").ignore_threshold == 0.3
+    assert MultiBoxLoss(PRIORS).ignore_threshold is None  # hard negatives: SSD has no band
 
 
 def test_score_activation():

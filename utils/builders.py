@@ -145,6 +145,7 @@ def build_criterion(loss: LossConfig, detector: TinyDetector) -> MultiBoxLoss:
         classification=loss.classification,
         focal_gamma=loss.focal_gamma,
         focal_alpha=loss.focal_alpha,
+        ignore_threshold=loss.ignore_threshold,
     )
 
 

@@ -106,6 +106,7 @@ class LossConfig:
     alpha: float = 1.0
     focal_gamma: float = 2.0
     focal_alpha: float = 0.25
+    ignore_threshold: float | None = None  # near misses left out of the classification loss
 
 
 @dataclass
@@ -318,6 +319,11 @@ def _check_values(cfg: Config) -> None:
                 raise ConfigError(f"config key '{key}' must hold [folder, split] pairs, got {pair}")
     if not 0.0 < cfg.loss.threshold <= 1.0:
         raise ConfigError(f"config key 'loss.threshold' must be in (0, 1], got {cfg.loss.threshold}")
+    ignore = cfg.loss.ignore_threshold
+    if ignore is not None and not 0.0 <= ignore <= cfg.loss.threshold:
+        raise ConfigError(
+            f"config key 'loss.ignore_threshold' must be in [0, loss.threshold={cfg.loss.threshold}], got {ignore}"
+        )
     if not 0.0 <= cfg.data.test_fraction < 1.0:
         raise ConfigError(f"config key 'data.test_fraction' must be in [0, 1), got {cfg.data.test_fraction}")
 
