@@ -296,6 +296,10 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         # gradient all-reduce for a peer that has stopped.
         return any_rank(stop(), context)
 
+    def log_stopped() -> None:
+        logger.warning("stopped by %s; resume with --resume %s", stop.signal_name or "another rank",
+                       run_dir / "last.pt")
+
     state = {"epoch": start_epoch, "batches_done": skip_batches, "global_step": global_step}
 
     def save(name: str) -> None:
@@ -348,8 +352,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             )  # fmt: skip
             if interrupted:
                 save("last.pt")
-                logger.warning("stopped by %s; resume with --resume %s", stop.signal_name or "another rank",
-                               run_dir / "last.pt")
+                log_stopped()
                 break
             state["epoch"], state["batches_done"] = epoch + 1, 0
             finished = epoch + 1
@@ -364,8 +367,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             save("last.pt")
             if stop_requested():
                 interrupted = True
-                logger.warning("stopped by %s; resume with --resume %s", stop.signal_name or "another rank",
-                               run_dir / "last.pt")
+                log_stopped()
                 break
             if cfg.train.stop_at_map is not None and last_map is not None and last_map >= cfg.train.stop_at_map:
                 logger.info("VOC07 mAP %.4f reached train.stop_at_map=%s: stopping", last_map, cfg.train.stop_at_map)

@@ -25,7 +25,7 @@ def reference_multibox_loss(locs, scores, boxes, labels, priors_cxcywh, *, thres
                              priors_cxcywh[:, :2] + priors_cxcywh[:, 2:] / 2], dim=1)
     n_priors, n_classes = scores.shape[1], scores.shape[2]
     if ignore_threshold is None:
-        ignore_threshold = 2.0 if classification == "hard_negative" else min(0.4, threshold)  # 2: no band
+        ignore_threshold = math.inf if classification == "hard_negative" else min(0.4, threshold)  # inf: no band
     loc_sum, conf_sum, n_pos_total = torch.zeros(()), torch.zeros(()), 0
     for i in range(locs.shape[0]):
         target = torch.zeros(n_priors, dtype=torch.long)
