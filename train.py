@@ -247,7 +247,9 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     start_epoch, skip_batches, global_step = 0, 0, 0
     best_map, last_map = -1.0, None
     if resume is not None:
-        checkpoint = load_checkpoint(resume, map_location=device)
+        # Loaded to the CPU: the RNG states must stay CPU byte tensors, and load_state_dict moves the
+        # weights and optimizer state to the model's device anyway.
+        checkpoint = load_checkpoint(resume)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])

@@ -79,7 +79,8 @@ def collect_rng_states() -> dict[str, Any]:
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
+    """Undo `collect_rng_states`; also takes states loaded with a CUDA map_location (RNG states must be CPU)."""
+    torch.set_rng_state(states["torch"].cpu())
     np_state = states["numpy"]
     np.random.set_state(
         (
@@ -93,4 +94,4 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     py_state = states["python"]
     random.setstate((py_state["version"], tuple(py_state["internal"]), py_state["gauss"]))
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
