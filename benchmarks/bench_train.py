@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(cfg.train.device)
     if device.type == "cpu":
         configure_cpu_training()  # as train.py does
+    else:
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark  # as train.py does
     amp_dtype = resolve_amp_dtype(cfg.train.amp, device)
     channels_last = cfg.train.channels_last
     batch = cfg.train.batch_size
