@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from data.dataset import DetectionDataset, collate_detections
+from data.dataset import DetectionDataset, build_dataloader
 from data.sampler import ResumableSampler, SeededSamples
 from data.transforms import build_eval_transform
 from model.loss import score_activation_for
@@ -278,14 +278,14 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         train_model = torch.compile(train_model)
 
     workers = cfg.data.num_workers
-    loader = torch.utils.data.DataLoader(
+    loader = build_dataloader(
         SeededSamples(train_dataset),
         batch_size=cfg.train.batch_size,
-        sampler=sampler,
+        shuffle=False,
         num_workers=workers,
-        collate_fn=collate_detections,
         pin_memory=cfg.data.pin_memory and device.type == "cuda",
-        persistent_workers=cfg.data.persistent_workers and workers > 0,
+        persistent_workers=cfg.data.persistent_workers,
+        sampler=sampler,
         drop_last=True,
     )
 

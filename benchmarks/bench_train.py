@@ -2,6 +2,8 @@
 
     python benchmarks/bench_train.py                       # demo config on the CPU
     python benchmarks/bench_train.py --steps 30 --config configs/demo.yaml train.batch_size=32
+    python benchmarks/bench_train.py --steps 100 --images 2048 model.width_mult=1.0 model.batch_norm=false \
+        train.batch_size=32 train.amp=bf16 data.num_workers=8    # on a GPU: the VOC-sized model
 
 "whole loop": what train.py runs per step: DataLoader (decode + training augmentation + collate), forward,
 MultiBoxLoss with matching and hard negatives, backward, optimizer and EMA step.
@@ -23,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data.dataset import DetectionDataset, collate_detections  # noqa: E402
+from data.dataset import DetectionDataset, build_dataloader  # noqa: E402
 from data.sampler import ResumableSampler, SeededSamples  # noqa: E402
 from data.synthetic import generate_shapes_dataset  # noqa: E402
 from data.voc import load_vocdevkit  # noqa: E402
@@ -38,7 +40,7 @@ from utils.engine import (  # noqa: E402
 )
 
 
-def build_loader(cfg, root: Path, n_images: int, batch_size: int):
+def build_loader(cfg, root: Path, n_images: int, batch_size: int, device: torch.device):
     synthetic = cfg.data.synthetic
     generate_shapes_dataset(root, seed=0, n_trainval=n_images, n_test=1, image_size=synthetic.image_size)
     records = load_vocdevkit(root / "VOCdevkit", [("SHAPES", "trainval")], list(cfg.data.classes), cache_dir=None)
@@ -46,9 +48,10 @@ def build_loader(cfg, root: Path, n_images: int, batch_size: int):
     dataset = DetectionDataset(records, transform, use_difficult=False, cache_images=cfg.data.cache_images)
     sampler = ResumableSampler(len(dataset), batch_size=batch_size, seed=0, drop_last=True)
     workers = cfg.data.num_workers
-    loader = torch.utils.data.DataLoader(
-        SeededSamples(dataset), batch_size=batch_size, sampler=sampler, num_workers=workers,
-        collate_fn=collate_detections, drop_last=True, persistent_workers=workers > 0,
+    loader = build_dataloader(  # as train.py builds it
+        SeededSamples(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
+        pin_memory=cfg.data.pin_memory and device.type == "cuda", persistent_workers=True, sampler=sampler,
+        drop_last=True,
     )  # fmt: skip
     return loader, sampler
 
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
           f"width {cfg.model.width_mult}, batch_norm {cfg.model.batch_norm}, amp {amp_dtype}, "
           f"channels_last {channels_last}, workers {cfg.data.num_workers}")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        loader, sampler = build_loader(cfg, Path(tmp), args.images, batch)
+        loader, sampler = build_loader(cfg, Path(tmp), args.images, batch, device)
         model_only = time_model_only(cfg, batch, device, amp_dtype, channels_last, args.steps, args.warmup)
         whole = time_whole_loop(cfg, loader, sampler, device, amp_dtype, channels_last, args.steps, args.warmup)
     print(f"model only (forward + backward + step, pre-loaded batch): {model_only:8.1f} images/s")
