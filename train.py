@@ -247,8 +247,8 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     start_epoch, skip_batches, global_step = 0, 0, 0
     best_map, last_map = -1.0, None
     if resume is not None:
-        # Loaded to the CPU: the RNG states must stay CPU byte tensors, and load_state_dict moves the
-        # weights and optimizer state to the model's device anyway.
+        # Loaded to the CPU, where the RNG states belong; load_state_dict moves the weights and optimizer
+        # state to the model's device.
         checkpoint = load_checkpoint(resume)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])

@@ -46,8 +46,9 @@ def test_fp16_run_resumes_on_cuda_with_its_grad_scaler(tmp_path, monkeypatch):
 
 def test_bf16_channels_last_compiled_run_and_eval_print_the_same_map(tmp_path, capsys):
     overrides = cuda_overrides(tmp_path, "compiled", "bf16", epochs=1) + ["train.compile=true"]
-    summary = train_module.train(load_config(DEMO, overrides), show_progress=False)
-    best = os.path.join(run_dir(load_config(DEMO, overrides)), "best.pt")
+    cfg = load_config(DEMO, overrides)
+    summary = train_module.train(cfg, show_progress=False)
+    best = os.path.join(run_dir(cfg), "best.pt")
     out = tmp_path / "eval"
     code = eval_module.main(["--config", DEMO, "--checkpoint", best, "--output-dir", str(out), "--no-coco",
                              *overrides])  # fmt: skip
