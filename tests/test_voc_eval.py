@@ -191,6 +191,22 @@ def test_duplicate_detection_is_false_positive():
     assert result.ap07["cat"] == pytest.approx((6 + 5 * 2 / 3) / 11, abs=1e-12)
 
 
+def test_recall_below_one_caps_the_11_point_ap_at_ten_elevenths():
+    # 9 of 10 cats found, every detection correct: precision 1 at recall 0..0.9, nothing at recall 1.0,
+    # so the 11-point AP is 10/11. With 1 of 2 found: precision 1 at recall 0..0.5 -> 6/11.
+    boxes = [[1 + 20 * i, 1, 10 + 20 * i, 10] for i in range(10)]
+    found = evaluate_voc(
+        [det_image("x", boxes[:9], [1] * 9, [0.9] * 9)], [gt_image("x", boxes, [1] * 10)], ["cat"]
+    )
+    assert found.max_recall("cat") == pytest.approx(0.9, abs=1e-12)
+    assert found.ap07["cat"] == pytest.approx(10 / 11, abs=1e-12)
+    half = evaluate_voc([det_image("x", boxes[:1], [1], [0.9])], [gt_image("x", boxes[:2], [1, 1])], ["cat"])
+    assert half.max_recall("cat") == 0.5
+    assert half.ap07["cat"] == pytest.approx(6 / 11, abs=1e-12)
+    none = evaluate_voc([], [gt_image("x", boxes[:1], [1])], ["cat"])
+    assert none.max_recall("cat") == 0.0
+
+
 def test_difficult_match_is_ignored():
     # A non-difficult, D difficult. Ranked: D (ignored), A (TP), FAR (FP): curve without the ignored row
     # is recall 1 1, precision 1 1/2 -> both APs 1. Counting D as FP would give precision 0, 1/2, 1/3.
@@ -253,6 +269,8 @@ def test_class_without_ground_truth_is_nan_and_left_out_of_mean():
     json.dumps(summary, allow_nan=False)  # strict JSON: NaN became None
     assert summary["classes"]["bird"]["ap07"] is None
     assert summary["classes"]["bird"]["n_detections"] == 1
+    assert summary["classes"]["bird"]["max_recall"] is None
+    assert summary["classes"]["cat"]["max_recall"] == 1.0
     assert summary["voc12_map"] == pytest.approx(1.0, abs=1e-12)
 
 
@@ -399,10 +417,10 @@ def test_format_table_lists_classes_and_means():
     )
     table = result.format_table()
     lines = table.splitlines()
-    assert lines[0].split() == ["class", "n_gt", "n_det", "AP07", "AP12"]
-    assert lines[2].split() == ["cat", "1", "1", "1.0000", "1.0000"]
-    assert lines[3].split() == ["dog", "1", "0", "0.0000", "0.0000"]
-    assert lines[4].split() == ["bird", "0", "0", "n/a", "n/a"]
+    assert lines[0].split() == ["class", "n_gt", "n_det", "recall", "AP07", "AP12"]
+    assert lines[2].split() == ["cat", "1", "1", "1.0000", "1.0000", "1.0000"]
+    assert lines[3].split() == ["dog", "1", "0", "0.0000", "0.0000", "0.0000"]
+    assert lines[4].split() == ["bird", "0", "0", "n/a", "n/a", "n/a"]
     assert lines[-1].split() == ["mean", "0.5000", "0.5000"]
 
 

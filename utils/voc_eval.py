@@ -150,6 +150,9 @@ class VOCResult:
     non-difficult ground truth). recall/precision: class name -> (m,) float64 arrays along the ranked
     detections, ignored (difficult-matched) detections left out; empty without detections or positives.
     n_positives: non-difficult boxes per class; n_detections: detections per class (ignored included).
+    max_recall (method): the recall the class's detections reach in the end. The 11-point AP averages the
+    best precision at recall >= 0, 0.1, ..., 1.0, so a class whose recall stays below 1 scores at most
+    10/11 = 0.909 there, however precise its detections.
     voc07_map/voc12_map: means over the classes with n_positives > 0.
     """
 
@@ -164,6 +167,13 @@ class VOCResult:
     voc12_map: float
     iou_threshold: float
 
+    def max_recall(self, name: str) -> float:
+        """Final recall of class `name` (NaN without non-difficult ground truth, 0 without detections)."""
+        if self.n_positives[name] == 0:
+            return math.nan
+        curve = self.recall[name]
+        return float(curve[-1]) if curve.size else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (no curves); NaN becomes None so the output is strict JSON."""
         return {
@@ -176,6 +186,7 @@ class VOCResult:
                     "ap12": _json_float(self.ap12[name]),
                     "n_positives": int(self.n_positives[name]),
                     "n_detections": int(self.n_detections[name]),
+                    "max_recall": _json_float(self.max_recall(name)),
                 }
                 for name in self.class_names
             },
@@ -188,15 +199,17 @@ class VOCResult:
             return f"{'n/a':>8}" if math.isnan(value) else f"{value:8.4f}"
 
         width = max([len("class"), len("mean"), *(len(n) for n in self.class_names)])
-        lines = [f"{'class':<{width}}  {'n_gt':>7}  {'n_det':>8}  {'AP07':>8}  {'AP12':>8}"]
+        lines = [f"{'class':<{width}}  {'n_gt':>7}  {'n_det':>8}  {'recall':>8}  {'AP07':>8}  {'AP12':>8}"]
         lines.append("-" * len(lines[0]))
         for name in self.class_names:
             lines.append(
                 f"{name:<{width}}  {self.n_positives[name]:>7d}  {self.n_detections[name]:>8d}  "
-                f"{fmt(self.ap07[name])}  {fmt(self.ap12[name])}"
+                f"{fmt(self.max_recall(name))}  {fmt(self.ap07[name])}  {fmt(self.ap12[name])}"
             )
         lines.append("-" * len(lines[0]))
-        lines.append(f"{'mean':<{width}}  {'':>7}  {'':>8}  {fmt(self.voc07_map)}  {fmt(self.voc12_map)}")
+        lines.append(
+            f"{'mean':<{width}}  {'':>7}  {'':>8}  {'':>8}  {fmt(self.voc07_map)}  {fmt(self.voc12_map)}"
+        )
         return "\n".join(lines)
 
 
