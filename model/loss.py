@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from utils.boxes import encode_boxes
-from utils.matching import TargetError, match_priors, pad_targets
+from utils.matching import MATCHING_RULES, TargetError, match_priors, match_priors_atss, pad_targets
 
 logger = logging.getLogger(__name__)
 
@@ -109,12 +109,17 @@ class MultiBoxLoss(nn.Module):
             are near misses, left out of the classification loss instead of being trained as
             background. Default: ``min(0.4, threshold)`` for the focal losses (RetinaNet's band), no
             band for ``hard_negative`` (SSD's recipe, where every non-positive prior is a negative).
+        matching: ``"iou"`` (SSD: a box's best prior plus every prior with IoU >= ``threshold``,
+            :func:`utils.matching.match_priors`) or ``"atss"`` (an adaptive IoU threshold per box,
+            :func:`utils.matching.match_priors_atss`; ``threshold`` is then unused).
+        atss_candidates: ``"atss"`` only: priors nearest each box's centre that it may match.
     """
 
     def __init__(self, priors_cxcywh: Tensor, threshold: float = 0.5, neg_pos_ratio: float = 3,
                  alpha: float = 1.0, variances: Sequence[float] = (0.1, 0.2),
                  classification: str = "hard_negative", focal_gamma: float = 2.0, focal_alpha: float = 0.25,
-                 ignore_threshold: float | None = None) -> None:
+                 ignore_threshold: float | None = None, matching: str = "iou",
+                 atss_candidates: int = 36) -> None:
         super().__init__()
         if priors_cxcywh.dim() != 2 or priors_cxcywh.shape[1] != 4 or priors_cxcywh.shape[0] == 0:
             raise LossInputError(
@@ -137,6 +142,13 @@ class MultiBoxLoss(nn.Module):
             raise LossInputError(
                 f"need focal_gamma >= 0 and focal_alpha in [0, 1], got {focal_gamma!r}, {focal_alpha!r}"
             )
+        if matching not in MATCHING_RULES:
+            raise LossInputError(f"matching must be one of {MATCHING_RULES}, got {matching!r}")
+        if matching == "atss" and not 2 <= atss_candidates <= priors_cxcywh.shape[0]:
+            raise LossInputError(
+                f"atss_candidates must be in [2, {priors_cxcywh.shape[0]}] (the number of priors), "
+                f"got {atss_candidates!r}"
+            )
         if len(variances) != 2 or min(variances) <= 0:
             raise LossInputError(f"variances must be two positive numbers, got {variances!r}")
         # Not persistent: priors derive from the config, so they stay out of checkpoints.
@@ -149,6 +161,8 @@ class MultiBoxLoss(nn.Module):
         self.focal_gamma = float(focal_gamma)
         self.focal_alpha = float(focal_alpha)
         self.ignore_threshold = None if ignore_threshold is None else float(ignore_threshold)
+        self.matching = matching
+        self.atss_candidates = int(atss_candidates)
 
     @property
     def score_activation(self) -> str:
@@ -222,7 +236,10 @@ class MultiBoxLoss(nn.Module):
         gt_boxes = gt_boxes.to(locs.device, torch.float32)
         gt_labels, valid = gt_labels.to(locs.device), valid.to(locs.device)
         self._check_targets(gt_boxes, gt_labels, valid, n_classes)
-        matches = match_priors(gt_boxes, gt_labels, valid, priors, self.threshold)
+        if self.matching == "atss":
+            matches = match_priors_atss(gt_boxes, gt_labels, valid, priors, self.atss_candidates)
+        else:
+            matches = match_priors(gt_boxes, gt_labels, valid, priors, self.threshold)
         positive = matches.positive
         n_pos = positive.sum()
         normalizer = n_pos.clamp(min=1).float()

@@ -9,6 +9,7 @@ from torchvision.ops import box_iou
 
 from model.loss import LossInputError, MultiBoxLoss, hard_negative_mask, score_activation_for
 from model.priors import create_prior_boxes
+from tests.test_matching import reference_atss_assign
 from utils.boxes import xyxy_to_cxcywh
 from utils.matching import TargetError
 
@@ -19,7 +20,8 @@ PRIORS = xyxy_to_cxcywh(torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]
 
 def reference_multibox_loss(locs, scores, boxes, labels, priors_cxcywh, *, threshold=0.5, neg_pos_ratio=3,
                             alpha=1.0, variances=(0.1, 0.2), classification="hard_negative",
-                            focal_gamma=2.0, focal_alpha=0.25, ignore_threshold=None):
+                            focal_gamma=2.0, focal_alpha=0.25, ignore_threshold=None, matching="iou",
+                            atss_candidates=36):
     """One image and one box at a time, every formula written out. Returns (total, loc, conf, n_pos)."""
     priors_xyxy = torch.cat([priors_cxcywh[:, :2] - priors_cxcywh[:, 2:] / 2,
                              priors_cxcywh[:, :2] + priors_cxcywh[:, 2:] / 2], dim=1)
@@ -35,15 +37,18 @@ def reference_multibox_loss(locs, scores, boxes, labels, priors_cxcywh, *, thres
         if len(boxes[i]):
             iou = box_iou(boxes[i], priors_xyxy)
             best_iou, assigned = iou.max(dim=0)
-            positive = best_iou >= threshold
-            claimed = {}  # prior -> box; the highest IoU wins, the first box on equal IoU
-            for m in range(len(boxes[i])):
-                p = int(iou[m].argmax())
-                if p not in claimed or iou[m, p] > iou[claimed[p], p]:
-                    claimed[p] = m
-            for p, m in claimed.items():
-                assigned[p] = m
-                positive[p] = True
+            if matching == "atss":
+                positive, assigned = reference_atss_assign(boxes[i], priors_cxcywh, atss_candidates)
+            else:
+                positive = best_iou >= threshold
+                claimed = {}  # prior -> box; the highest IoU wins, the first box on equal IoU
+                for m in range(len(boxes[i])):
+                    p = int(iou[m].argmax())
+                    if p not in claimed or iou[m, p] > iou[claimed[p], p]:
+                        claimed[p] = m
+                for p, m in claimed.items():
+                    assigned[p] = m
+                    positive[p] = True
             target = torch.where(positive, labels[i][assigned], 0)
             target_boxes[positive] = boxes[i][assigned[positive]]
         n_pos = int(positive.sum())
@@ -101,19 +106,22 @@ def one_box_case():
     return boxes, labels, scores
 
 
-@pytest.mark.parametrize(("classification", "ignore_threshold"), [
-    ("hard_negative", None), ("hard_negative", 0.4), ("focal_sigmoid", None), ("focal_softmax", None),
+@pytest.mark.parametrize(("classification", "ignore_threshold", "matching"), [
+    ("hard_negative", None, "iou"), ("hard_negative", 0.4, "iou"), ("focal_sigmoid", None, "iou"),
+    ("focal_softmax", None, "iou"), ("hard_negative", None, "atss"), ("focal_sigmoid", None, "atss"),
 ])
-def test_equals_reference_on_random_batches(classification, ignore_threshold):
+def test_equals_reference_on_random_batches(classification, ignore_threshold, matching):
     g = torch.Generator().manual_seed(0)
     priors = create_prior_boxes()
-    loss_fn = MultiBoxLoss(priors, classification=classification, ignore_threshold=ignore_threshold)
+    loss_fn = MultiBoxLoss(priors, classification=classification, ignore_threshold=ignore_threshold,
+                           matching=matching)
     for _ in range(4):
         locs, scores, boxes, labels = random_batch(6, 10, 21, g)
         out = loss_fn(locs, scores, boxes, labels)
         total, loc, conf, n_pos = reference_multibox_loss(locs, scores, boxes, labels, priors,
                                                           classification=classification,
-                                                          ignore_threshold=ignore_threshold)
+                                                          ignore_threshold=ignore_threshold,
+                                                          matching=matching)
         assert out.n_positives == n_pos
         assert torch.allclose(out.localization, loc, rtol=1e-5, atol=1e-5), (out.localization, loc)
         assert torch.allclose(out.confidence, conf, rtol=1e-5, atol=1e-5), (out.confidence, conf)
@@ -254,6 +262,28 @@ def test_bad_shapes_and_options():
         MultiBoxLoss(PRIORS, classification="focal")
     with pytest.raises(LossInputError, match="ignore_threshold"):
         MultiBoxLoss(PRIORS, ignore_threshold=0.6)
+    with pytest.raises(LossInputError, match="matching must be one of"):
+        MultiBoxLoss(PRIORS, matching="nearest")
+    with pytest.raises(LossInputError, match=r"atss_candidates must be in \[2, 3\]"):
+        MultiBoxLoss(PRIORS, matching="atss", atss_candidates=4)
+
+
+def test_atss_gives_small_boxes_more_than_their_best_prior():
+    # A box with sides of 13 % of the image overlaps no 0.2 x 0.2 prior by 0.5: the IoU rule trains only its
+    # best prior, ATSS also the neighbours that overlap it well for a box of that size. Both losses stay
+    # finite with gradients, and an image without boxes still has no positive.
+    priors = create_prior_boxes()
+    boxes = [torch.tensor([[0.40, 0.42, 0.53, 0.55]]), torch.zeros(0, 4)]
+    labels = [torch.tensor([1]), torch.zeros(0, dtype=torch.long)]
+    locs = torch.zeros(2, 441, 4, requires_grad=True)
+    scores = torch.zeros(2, 441, 4, requires_grad=True)
+    iou_rule = MultiBoxLoss(priors)(locs, scores, boxes, labels)
+    atss = MultiBoxLoss(priors, matching="atss")(locs, scores, boxes, labels)
+    assert iou_rule.n_positives == 1
+    assert atss.n_positives > 1
+    atss.total.backward()
+    assert torch.isfinite(locs.grad).all() and torch.isfinite(scores.grad).all()
+    assert locs.grad[1].abs().sum() == 0
 
 
 def test_ignore_threshold_defaults_below_a_low_matching_threshold():

@@ -1,10 +1,12 @@
 """Batched prior matching: forced best priors, competition for a prior, padding, empty images."""
 
+import math
+
 import pytest
 import torch
 
 from utils.boxes import xyxy_to_cxcywh
-from utils.matching import TargetError, match_priors, pad_targets
+from utils.matching import TargetError, match_priors, match_priors_atss, pad_targets
 
 # Three priors: top-left quarter, bottom-right quarter, whole image.
 PRIORS_XYXY = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
@@ -131,3 +133,127 @@ def test_batched_equals_one_image_at_a_time():
         assert torch.equal(batched.labels[i], single.labels[0])
         assert torch.equal(batched.positive[i], single.positive[0])
     assert (batched.forced.sum(1) <= torch.tensor([len(b) for b in boxes])).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# ATSS: adaptive threshold per box
+# ---------------------------------------------------------------------------------------------------
+
+
+def reference_atss_assign(boxes, priors_cxcywh, n_candidates=36):
+    """ATSS for one image, one box at a time. Returns (positive (P,) bool, assigned box index (P,) long)."""
+    from torchvision.ops import box_iou
+
+    n_priors = priors_cxcywh.shape[0]
+    priors_xyxy = torch.cat([priors_cxcywh[:, :2] - priors_cxcywh[:, 2:] / 2,
+                             priors_cxcywh[:, :2] + priors_cxcywh[:, 2:] / 2], dim=1)
+    best_iou = torch.full((n_priors,), -2.0)
+    assigned = torch.zeros(n_priors, dtype=torch.long)
+    for m, box in enumerate(boxes):
+        iou = box_iou(box[None], priors_xyxy)[0]
+        centre = (box[:2] + box[2:]) / 2
+        distance = ((priors_cxcywh[:, :2] - centre) ** 2).sum(dim=1)
+        candidates = torch.argsort(distance, stable=True)[:n_candidates].tolist()
+        values = iou[candidates]
+        mean = sum(values.tolist()) / len(candidates)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values.tolist()) / (len(candidates) - 1))
+        claimed = [int(iou.argmax())]
+        for p in candidates:
+            cx, cy = priors_cxcywh[p, :2].tolist()
+            inside = box[0] < cx < box[2] and box[1] < cy < box[3]
+            if iou[p] >= mean + std and inside:
+                claimed.append(p)
+        for p in claimed:
+            if iou[p] > best_iou[p]:  # strictly higher: the first box keeps a tie
+                best_iou[p], assigned[p] = iou[p], m
+    return best_iou > -2.0, assigned
+
+
+# Box G = [0.4, 0.4, 0.6, 0.6]. P0 and P1 are G shifted left / right by 0.05: IoU 0.03 / 0.05 = 0.6 each,
+# centres inside G. P2-P5 sit 0.4 away, no overlap. P6 lies far in the corner.
+ATSS_PRIORS = torch.tensor([
+    [0.45, 0.5, 0.2, 0.2], [0.55, 0.5, 0.2, 0.2],
+    [0.5, 0.9, 0.1, 0.1], [0.5, 0.1, 0.1, 0.1], [0.1, 0.5, 0.1, 0.1], [0.9, 0.5, 0.1, 0.1],
+    [0.95, 0.95, 0.1, 0.1],
+])
+BOX_G = torch.tensor([[0.4, 0.4, 0.6, 0.6]])
+
+
+def atss(boxes, labels, priors=ATSS_PRIORS, n_candidates=6):
+    return match_priors_atss(*pad_targets(boxes, labels), priors, n_candidates)
+
+
+def test_atss_threshold_is_mean_plus_std_of_the_candidates():
+    # Candidates (6 nearest): P0-P5, IoUs 0.6, 0.6, 0, 0, 0, 0. Mean 0.2; unbiased std
+    # sqrt((2 * 0.4**2 + 4 * 0.2**2) / 5) = sqrt(0.096) = 0.3098; threshold 0.5098 -> P0 and P1.
+    # SSD's rule at IoU 0.7 keeps only the best prior (P0, the first of the two).
+    result = atss([BOX_G], [torch.tensor([2])])
+    assert result.labels[0].tolist() == [2, 2, 0, 0, 0, 0, 0]
+    assert result.forced[0].tolist() == [True] + [False] * 6
+    ssd = match_priors(*pad_targets([BOX_G], [torch.tensor([2])]), ATSS_PRIORS, 0.7)
+    assert ssd.labels[0].tolist() == [2, 0, 0, 0, 0, 0, 0]
+    # With all 7 priors as candidates: mean 1.2 / 7 = 0.1714, std sqrt((2 * 0.4286**2 + 5 * 0.1714**2) / 6)
+    # = 0.2928, threshold 0.4642: still P0 and P1.
+    assert atss([BOX_G], [torch.tensor([2])], n_candidates=7).labels[0].tolist() == [2, 2, 0, 0, 0, 0, 0]
+    # With 3 candidates (P0, P1 and the first prior 0.4 away): mean 0.4, std sqrt((2 * 0.04 + 0.16) / 2)
+    # = 0.3464, threshold 0.7464 -> only the forced P0.
+    assert atss([BOX_G], [torch.tensor([2])], n_candidates=3).labels[0].tolist() == [2, 0, 0, 0, 0, 0, 0]
+
+
+def test_atss_candidate_centre_must_lie_inside_the_box():
+    # Box G. A = [0.35, 0.35, 0.65, 0.65] contains G: IoU 0.04 / 0.09 = 0.4444, centre inside.
+    # B and C are 0.25 x 0.2 with centres at x = 0.62 and 0.38, just outside G: overlap 0.105 x 0.2,
+    # IoU 0.021 / 0.069 = 0.3043 each. Six more priors do not overlap G. All 9 are candidates:
+    # mean 1.0531 / 9 = 0.1170, unbiased std 0.1801, threshold 0.2971. B and C pass it but stay background
+    # because their centres lie outside G; A is positive.
+    zero = [[0.5, 0.9], [0.5, 0.1], [0.1, 0.5], [0.9, 0.5], [0.15, 0.15], [0.85, 0.85]]
+    priors = torch.tensor([[0.5, 0.5, 0.3, 0.3], [0.62, 0.5, 0.25, 0.2], [0.38, 0.5, 0.25, 0.2]]
+                          + [[x, y, 0.1, 0.1] for x, y in zero])
+    result = atss([BOX_G], [torch.tensor([1])], priors=priors, n_candidates=9)
+    iou = result.iou[0]
+    assert iou[:3].tolist() == pytest.approx([0.04 / 0.09, 0.021 / 0.069, 0.021 / 0.069], abs=1e-6)
+    assert (iou[3:] == 0).all()
+    threshold = iou.mean() + iou.std()
+    assert threshold.item() == pytest.approx(0.2971, abs=1e-4)
+    assert (iou[1:3] >= threshold).all()
+    assert result.labels[0].tolist() == [1] + [0] * 8
+
+
+def test_atss_contested_prior_goes_to_the_box_it_overlaps_most():
+    # G (IoU 0.6 with P0 and P1) and H = P1 exactly (IoU 1 with P1): P1 goes to H; P0 stays with G.
+    h = torch.tensor([[0.45, 0.4, 0.65, 0.6]])
+    result = atss([torch.cat([BOX_G, h])], [torch.tensor([1, 3])])
+    assert result.labels[0, :2].tolist() == [1, 3]
+    assert result.gt_index[0, :2].tolist() == [0, 1]
+
+
+def test_atss_empty_images_and_padding():
+    boxes = [torch.zeros(0, 4), BOX_G, torch.zeros(0, 4)]
+    labels = [torch.zeros(0, dtype=torch.long), torch.tensor([1]), torch.zeros(0, dtype=torch.long)]
+    result = atss(boxes, labels)
+    assert not result.positive[0].any() and not result.positive[2].any()
+    assert result.labels[1].tolist() == [1, 1, 0, 0, 0, 0, 0]
+    assert (result.iou[0] == -1).all()
+    with pytest.raises(ValueError, match="n_candidates must be in \\[2, 7\\], got 8"):
+        atss([BOX_G], [torch.tensor([1])], n_candidates=8)
+
+
+def test_atss_batched_equals_per_box_reference():
+    from model.priors import create_prior_boxes
+
+    g = torch.Generator().manual_seed(0)
+    priors = create_prior_boxes()
+    for _ in range(5):
+        boxes, labels = [], []
+        for _ in range(6):
+            n = int(torch.randint(0, 11, (), generator=g))
+            xy = torch.rand(n, 2, generator=g) * 0.8
+            boxes.append(torch.cat([xy, (xy + torch.rand(n, 2, generator=g) * 0.6 + 0.02).clamp(max=1.0)], 1))
+            labels.append(torch.randint(1, 21, (n,), generator=g))
+        result = match_priors_atss(*pad_targets(boxes, labels), priors, 36)
+        for i in range(len(boxes)):
+            positive, assigned = reference_atss_assign(boxes[i], priors, 36)
+            assert torch.equal(result.positive[i], positive)
+            assert torch.equal(result.gt_index[i][positive], assigned[positive])
+            expected_labels = torch.where(positive, labels[i][assigned] if len(labels[i]) else 0, 0)
+            assert torch.equal(result.labels[i], expected_labels)

@@ -146,6 +146,8 @@ def build_criterion(loss: LossConfig, detector: TinyDetector) -> MultiBoxLoss:
         focal_gamma=loss.focal_gamma,
         focal_alpha=loss.focal_alpha,
         ignore_threshold=loss.ignore_threshold,
+        matching=loss.matching,
+        atss_candidates=loss.atss_candidates,
     )
 
 

@@ -107,6 +107,8 @@ class LossConfig:
     focal_gamma: float = 2.0
     focal_alpha: float = 0.25
     ignore_threshold: float | None = None  # near misses left out of the classification loss
+    matching: str = "iou"  # iou (SSD: every prior with IoU >= threshold) | atss (adaptive threshold per box)
+    atss_candidates: int = 36  # atss: priors nearest each box's centre that it may match
 
 
 @dataclass
@@ -159,6 +161,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("voc", "folder", "coco", "synthetic"),
     "loss.classification": ("hard_negative", "focal_sigmoid", "focal_softmax"),
+    "loss.matching": ("iou", "atss"),
     "train.optimizer": ("sgd", "adamw"),
     "train.schedule": ("multistep", "cosine"),
     "train.amp": ("auto", "fp32", "bf16", "fp16"),
@@ -323,6 +326,10 @@ def _check_values(cfg: Config) -> None:
     if ignore is not None and not 0.0 <= ignore <= cfg.loss.threshold:
         raise ConfigError(
             f"config key 'loss.ignore_threshold' must be in [0, loss.threshold={cfg.loss.threshold}], got {ignore}"
+        )
+    if cfg.loss.atss_candidates < 2:
+        raise ConfigError(
+            f"config key 'loss.atss_candidates' must be at least 2, got {cfg.loss.atss_candidates}"
         )
     if not 0.0 <= cfg.data.test_fraction < 1.0:
         raise ConfigError(f"config key 'data.test_fraction' must be in [0, 1), got {cfg.data.test_fraction}")

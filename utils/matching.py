@@ -18,7 +18,10 @@ from utils.boxes import cxcywh_to_xyxy, pairwise_iou
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Matches", "TargetError", "match_priors", "pad_targets"]
+__all__ = ["MATCHING_RULES", "Matches", "TargetError", "match_priors", "match_priors_atss", "pad_targets"]
+
+# "iou": SSD's fixed IoU threshold (match_priors); "atss": adaptive per-box thresholds (match_priors_atss).
+MATCHING_RULES = ("iou", "atss")
 
 
 class TargetError(ValueError):
@@ -150,3 +153,75 @@ def match_priors(gt_boxes_xyxy: Tensor, gt_labels: Tensor, valid: Tensor, priors
     positive = forced | (prior_iou >= threshold)
     labels = torch.where(positive, gt_labels.gather(1, gt_index), torch.zeros_like(gt_index))
     return Matches(labels=labels, gt_index=gt_index, iou=prior_iou, forced=forced, positive=positive)
+
+
+def match_priors_atss(gt_boxes_xyxy: Tensor, gt_labels: Tensor, valid: Tensor, priors_cxcywh: Tensor,
+                      n_candidates: int = 36) -> Matches:
+    """Match priors to boxes with ATSS's adaptive IoU threshold (Zhang et al., CVPR 2020), for a whole batch.
+
+    A fixed IoU threshold suits boxes of the priors' shapes and leaves the others with their single best
+    prior: a box with sides of 12 % of the image overlaps no 0.2 prior by 0.5, so it trains one prior while a
+    large box trains a dozen. ATSS sets the threshold per box from the overlaps it could have:
+
+    1. The box's candidates are the ``n_candidates`` priors whose centres lie nearest the box's centre
+       (36: the 4 nearest cells of 9 priors).
+    2. Its threshold is the mean plus the standard deviation (unbiased) of the candidates' IoUs: low for a
+       small or elongated box, whose candidates all overlap it a little, high for a box that some prior fits.
+    3. A candidate is positive for the box if its IoU reaches the threshold and its centre lies strictly
+       inside the box. Each box's best prior (the first on equal IoU) is positive as well, as in
+       :func:`match_priors`, so no box is left without one.
+    4. A prior positive for several boxes takes the one it overlaps most (the first on equal IoU); every
+       other prior is background.
+
+    Args:
+        gt_boxes_xyxy: ``(N, M, 4)`` padded fractional boxes (see :func:`pad_targets`).
+        gt_labels: ``(N, M)`` long labels in 1..C-1.
+        valid: ``(N, M)`` bool, False for padding.
+        priors_cxcywh: ``(P, 4)``.
+        n_candidates: candidates per box (at most P).
+
+    Returns:
+        :class:`Matches`; ``iou`` is each prior's best IoU with any real box and ``forced`` marks the boxes'
+        best priors, as for :func:`match_priors`.
+    """
+    n_images, max_boxes, _ = gt_boxes_xyxy.shape
+    n_priors = priors_cxcywh.shape[0]
+    if not 2 <= n_candidates <= n_priors:
+        raise ValueError(f"n_candidates must be in [2, {n_priors}], got {n_candidates}")
+    # A padded (N, M, P) layout: the per-box statistics (nearest candidates, mean and std of their IoUs)
+    # are reductions along P, and M stays small in detection batches.
+    iou = pairwise_iou(gt_boxes_xyxy.reshape(-1, 4), cxcywh_to_xyxy(priors_cxcywh))
+    iou = iou.view(n_images, max_boxes, n_priors)
+    iou = iou.masked_fill(~valid[..., None], -1.0)
+
+    box_centre = (gt_boxes_xyxy[..., :2] + gt_boxes_xyxy[..., 2:]) / 2
+    prior_centre = priors_cxcywh[:, :2]
+    distance = (box_centre[..., None, :] - prior_centre).square().sum(dim=-1)  # (N, M, P), squared
+    candidates = distance.topk(n_candidates, dim=-1, largest=False).indices  # (N, M, K)
+    candidate_iou = iou.gather(-1, candidates)
+    box_threshold = candidate_iou.mean(dim=-1) + candidate_iou.std(dim=-1)  # (N, M)
+    is_candidate = torch.zeros_like(iou, dtype=torch.bool).scatter_(-1, candidates, True)
+
+    x, y = prior_centre[:, 0], prior_centre[:, 1]
+    centre_inside = (
+        (x > gt_boxes_xyxy[..., 0:1]) & (x < gt_boxes_xyxy[..., 2:3])
+        & (y > gt_boxes_xyxy[..., 1:2]) & (y < gt_boxes_xyxy[..., 3:4])
+    )  # fmt: skip
+    claims = is_candidate & centre_inside & (iou >= box_threshold[..., None]) & valid[..., None]
+    best_prior = iou.argmax(dim=-1, keepdim=True)  # (N, M, 1), first on ties
+    forced_claims = torch.zeros_like(claims).scatter_(-1, best_prior, True) & valid[..., None]
+    claims |= forced_claims
+
+    # Per prior, the claiming box with the highest IoU; max returns the first index on ties.
+    claim_iou = iou.masked_fill(~claims, -2.0)
+    best_claim_iou, gt_index = claim_iou.max(dim=1)  # (N, P)
+    positive = best_claim_iou > -2.0
+    labels = torch.where(positive, gt_labels.gather(1, gt_index), torch.zeros_like(gt_index))
+    return Matches(
+        labels=labels,
+        gt_index=gt_index,
+        iou=iou.max(dim=1).values,
+        forced=forced_claims.any(dim=1),
+        positive=positive,
+    )
+
