@@ -27,6 +27,7 @@ def tiny_overrides(root: Path, *, name: str = "tiny", epochs: int = 2) -> list[s
         "model.width_mult=0.0625",
         f"train.epochs={epochs}",
         "train.batch_size=4",
+        "train.amp=fp32",  # the same arithmetic on every CI host, with or without bf16 instructions
         "train.eval_every_epochs=1",
         "train.log_every_steps=1",
         "train.ema_decay=null",
