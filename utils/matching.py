@@ -195,17 +195,16 @@ def match_priors_atss(gt_boxes_xyxy: Tensor, gt_labels: Tensor, valid: Tensor, p
     iou = iou.masked_fill(~valid[..., None], -1.0)
 
     box_centre = (gt_boxes_xyxy[..., :2] + gt_boxes_xyxy[..., 2:]) / 2
-    prior_centre = priors_cxcywh[:, :2]
+    x, y = priors_cxcywh[:, 0], priors_cxcywh[:, 1]  # prior centres
     # Squared distances from the x and y planes: a reduction over a trailing dimension of 2 is slow on CPU.
-    dx = box_centre[..., 0:1] - prior_centre[:, 0]
-    dy = box_centre[..., 1:2] - prior_centre[:, 1]
+    dx = box_centre[..., 0:1] - x
+    dy = box_centre[..., 1:2] - y
     distance = dx * dx + dy * dy  # (N, M, P)
     candidates = distance.topk(n_candidates, dim=-1, largest=False).indices  # (N, M, K)
     candidate_iou = iou.gather(-1, candidates)
     box_threshold = candidate_iou.mean(dim=-1) + candidate_iou.std(dim=-1)  # (N, M)
     is_candidate = torch.zeros_like(iou, dtype=torch.bool).scatter_(-1, candidates, True)
 
-    x, y = prior_centre[:, 0], prior_centre[:, 1]
     centre_inside = (
         (x > gt_boxes_xyxy[..., 0:1]) & (x < gt_boxes_xyxy[..., 2:3])
         & (y > gt_boxes_xyxy[..., 1:2]) & (y < gt_boxes_xyxy[..., 3:4])
