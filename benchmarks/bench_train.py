@@ -1,6 +1,7 @@
 """Training throughput: the whole loop against the model alone, measured in one run.
 
     python benchmarks/bench_train.py                       # demo config on the CPU
+    python benchmarks/bench_train.py --rounds 9 --steps 60          # longer, for a noisy machine
     python benchmarks/bench_train.py --steps 30 --config configs/demo.yaml train.batch_size=32
     python benchmarks/bench_train.py --steps 100 --images 2048 model.width_mult=1.0 model.batch_norm=false \
         train.batch_size=32 train.amp=bf16 data.num_workers=8    # on a GPU: the VOC-sized model
@@ -9,16 +10,20 @@
 MultiBoxLoss with matching and hard negatives, backward, optimizer and EMA step.
 "model only": forward, a trivial loss on the outputs, backward and optimizer step on one batch of
 pre-loaded tensors, with the same model, batch size, precision and memory format.
-The ratio says how much the loop adds on top of the model. On CUDA the model-only figure is also measured
+The ratio says how much the loop adds on top of the model. The two are timed in alternating rounds (and the
+image cache is filled first, as after train.py's first epoch), and the ratio is the median of the rounds'
+ratios, so a machine whose speed drifts during the run does not decide it. On CUDA the model-only figure is also measured
 in fp32 without channels_last, for the AMP + channels_last speed-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,6 +51,9 @@ def build_loader(cfg, root: Path, n_images: int, batch_size: int, device: torch.
     records = load_vocdevkit(root / "VOCdevkit", [("SHAPES", "trainval")], list(cfg.data.classes), cache_dir=None)
     transform = build_augmentation(cfg.augment, cfg.model.image_size)
     dataset = DetectionDataset(records, transform, use_difficult=False, cache_images=cfg.data.cache_images)
+    if cfg.data.cache_images:
+        # train.py decodes each image once, in its first epoch; the rounds measure the epochs after it.
+        dataset.preload()
     sampler = ResumableSampler(len(dataset), batch_size=batch_size, seed=0, drop_last=True)
     workers = cfg.data.num_workers
     loader = build_dataloader(  # as train.py builds it
@@ -56,7 +64,8 @@ def build_loader(cfg, root: Path, n_images: int, batch_size: int, device: torch.
     return loader, sampler
 
 
-def time_whole_loop(cfg, loader, sampler, device, amp_dtype, channels_last, steps: int, warmup: int) -> float:
+def whole_loop_runner(cfg, loader, sampler, device, amp_dtype, channels_last) -> Callable[[int], None]:
+    """`run(k)` trains k more steps exactly as train.py's loop does, across epoch boundaries."""
     torch.manual_seed(0)
     model = build_model(cfg.model, len(cfg.data.classes), cfg.loss.classification).to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -65,14 +74,19 @@ def time_whole_loop(cfg, loader, sampler, device, amp_dtype, channels_last, step
     optimizer = build_optimizer(cfg.train, model)
     ema = ModelEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
     model.train()
-    done, epoch, started = 0, 0, None
-    while done < warmup + steps:
-        sampler.set_epoch(epoch)
-        for images, boxes, labels, _ in loader:
-            if done == warmup:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                started = time.perf_counter()
+
+    def batches():
+        epoch = 0
+        while True:
+            sampler.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    stream = batches()
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            images, boxes, labels, _ = next(stream)
             images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             boxes = [b.to(device) for b in boxes]
             labels = [lab.to(device) for lab in labels]
@@ -85,16 +99,12 @@ def time_whole_loop(cfg, loader, sampler, device, amp_dtype, channels_last, step
             if ema is not None:
                 ema.update(model)
             loss.total.item()  # the loop logs the loss every step
-            done += 1
-            if done == warmup + steps:
-                break
-        epoch += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * loader.batch_size / (time.perf_counter() - started)
+
+    return run
 
 
-def time_model_only(cfg, batch_size, device, amp_dtype, channels_last, steps: int, warmup: int) -> float:
+def model_only_runner(cfg, batch_size, device, amp_dtype, channels_last) -> Callable[[int], None]:
+    """`run(k)`: k steps of forward, a trivial loss, backward and optimizer step on one pre-loaded batch."""
     torch.manual_seed(0)
     model = build_model(cfg.model, len(cfg.data.classes), cfg.loss.classification).to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -102,27 +112,53 @@ def time_model_only(cfg, batch_size, device, amp_dtype, channels_last, steps: in
     optimizer = build_optimizer(cfg.train, model)
     size = cfg.model.image_size
     images = torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=memory_format)
-    for step in range(warmup + steps):
-        if step == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-        with autocast_context(device, amp_dtype):
-            locs, scores = model(images)
-        loss = locs.float().square().mean() + scores.float().logsumexp(-1).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            with autocast_context(device, amp_dtype):
+                locs, scores = model(images)
+            loss = locs.float().square().mean() + scores.float().logsumexp(-1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    return run
+
+
+def images_per_second(run: Callable[[int], None], steps: int, warmup: int, batch_size: int,
+                      device: torch.device) -> float:
+    run(warmup)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    run(steps)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return steps * batch_size / (time.perf_counter() - started)
 
 
+def interleaved_rounds(runners: dict[str, Callable[[int], None]], rounds: int, steps: int, warmup: int,
+                       batch_size: int, device: torch.device) -> dict[str, list[float]]:
+    """images/s of each runner in `rounds` rounds; each round times every runner once, in turn.
+
+    A shared VM's speed drifts over seconds (other tenants, clocks), so timing one runner after the other
+    compares two different machines. Interleaving them, and reversing the order every round, puts both
+    under the same conditions; the ratio is then taken within each round.
+    """
+    names = list(runners)
+    figures: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        for name in names if round_index % 2 == 0 else reversed(names):
+            figures[name].append(images_per_second(runners[name], steps, warmup, batch_size, device))
+    return figures
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="measurements of each, interleaved")
     parser.add_argument("--images", type=int, default=256, help="synthetic images generated for the loop")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
@@ -137,18 +173,35 @@ def main(argv: list[str] | None = None) -> None:
     batch = cfg.train.batch_size
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, batch {batch}, "
           f"width {cfg.model.width_mult}, batch_norm {cfg.model.batch_norm}, amp {amp_dtype}, "
-          f"channels_last {channels_last}, workers {cfg.data.num_workers}")  # fmt: skip
+          f"channels_last {channels_last}, workers {cfg.data.num_workers}, "
+          f"{args.rounds} rounds of {args.steps} steps")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         loader, sampler = build_loader(cfg, Path(tmp), args.images, batch, device)
-        model_only = time_model_only(cfg, batch, device, amp_dtype, channels_last, args.steps, args.warmup)
-        whole = time_whole_loop(cfg, loader, sampler, device, amp_dtype, channels_last, args.steps, args.warmup)
-    print(f"model only (forward + backward + step, pre-loaded batch): {model_only:8.1f} images/s")
-    print(f"whole loop (data + forward + loss + backward + step):     {whole:8.1f} images/s")
-    print(f"whole loop / model only: {whole / model_only:.3f} (overhead {100 * (1 - whole / model_only):.1f}%)")
+        runners = {
+            "model only": model_only_runner(cfg, batch, device, amp_dtype, channels_last),
+            "whole loop": whole_loop_runner(cfg, loader, sampler, device, amp_dtype, channels_last),
+        }
+        if device.type == "cuda":
+            runners["fp32 NCHW"] = model_only_runner(cfg, batch, device, None, False)
+        figures = interleaved_rounds(runners, args.rounds, args.steps, args.warmup, batch, device)
+    model_only, whole = figures["model only"], figures["whole loop"]
+    ratios = [w / m for w, m in zip(whole, model_only, strict=True)]
+    ratio = statistics.median(ratios)
+    print(f"model only (forward + backward + step, pre-loaded batch): {statistics.median(model_only):8.1f} "
+          f"images/s (median; rounds {_figures(model_only)})")
+    print(f"whole loop (data + forward + loss + backward + step):     {statistics.median(whole):8.1f} "
+          f"images/s (median; rounds {_figures(whole)})")
+    print(f"whole loop / model only: {ratio:.3f} (overhead {100 * (1 - ratio):.1f}%; median of the rounds' "
+          f"ratios, {min(ratios):.3f}-{max(ratios):.3f})")
     if device.type == "cuda":
-        plain = time_model_only(cfg, batch, device, None, False, args.steps, args.warmup)
-        print(f"model only, fp32 NCHW:                                    {plain:8.1f} images/s")
-        print(f"AMP ({amp_dtype}) + channels_last speed-up over fp32: {model_only / plain:.2f}x")
+        plain = figures["fp32 NCHW"]
+        print(f"model only, fp32 NCHW:                                    {statistics.median(plain):8.1f} images/s")
+        speedups = [m / p for m, p in zip(model_only, plain, strict=True)]
+        print(f"AMP ({amp_dtype}) + channels_last speed-up over fp32: {statistics.median(speedups):.2f}x")
+
+
+def _figures(values: list[float]) -> str:
+    return " ".join(f"{v:.1f}" for v in values)
 
 
 if __name__ == "__main__":
