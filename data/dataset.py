@@ -130,11 +130,23 @@ class DetectionDataset(Dataset):
         )
 
 
+def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(3, S, S) images -> one (N, 3, S, S) batch in channels_last memory order.
+
+    ToTensorV2 returns each image as a (3, S, S) view of its (S, S, 3) array, so stacking the arrays as
+    they lie is a plain copy and gives channels_last, which the model uses; a contiguous NCHW stack would
+    transpose every image, and the training step would then transpose the batch back (0.35 against 0.06 ms
+    for 4 images of 224 x 224). Callers that want NCHW call `.contiguous()`.
+    """
+    return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+
+
 def collate_detections(batch: Sequence[Sample]) -> Batch:
-    """Stack images to (N, 3, S, S); keep per-image boxes (n_i, 4), labels (n_i,), difficult (n_i,) as lists."""
+    """Stack images to (N, 3, S, S) (channels_last memory order, see `stack_images`); keep per-image boxes
+    (n_i, 4), labels (n_i,), difficult (n_i,) as lists."""
     if not batch:
         raise ValueError("collate_detections got an empty batch")
-    images = torch.stack([sample[0] for sample in batch])
+    images = stack_images([sample[0] for sample in batch])
     return (
         images,
         [sample[1] for sample in batch],

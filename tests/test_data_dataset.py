@@ -54,6 +54,8 @@ def test_collate_stacks_images_and_keeps_box_lists():
     batch = collate_detections([dataset[i] for i in range(4)])
     images, boxes, labels, difficult = batch
     assert images.shape == (4, 3, 48, 48)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(images, torch.stack([dataset[i][0] for i in range(4)]))
     assert [b.shape[0] for b in boxes] == [1, 1, 1, 1] and len(labels) == len(difficult) == 4
     with pytest.raises(ValueError, match="empty batch"):
         collate_detections([])

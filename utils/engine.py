@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from data.dataset import stack_images
 from data.records import ImageRecord
 from utils.config import ConfigError
 from utils.distributed import DistributedContext, all_gather_objects
@@ -254,7 +255,7 @@ class _IndexedImages(torch.utils.data.Dataset):
 
 def _collate_indexed(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     images, indices = zip(*batch, strict=True)
-    return torch.stack(images), torch.tensor(indices)
+    return stack_images(images), torch.tensor(indices)
 
 
 @torch.inference_mode()
