@@ -38,8 +38,9 @@ class ModelEMA:
         ema_params = list(self.module.parameters())
         params = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, params, weight)
-        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers(), strict=True):
-            ema_buffer.copy_(buffer)
+        ema_buffers, buffers = list(self.module.buffers()), list(model.buffers())
+        if buffers:  # the foreach ops refuse empty lists
+            torch._foreach_copy_(ema_buffers, buffers)
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay}
