@@ -1,7 +1,7 @@
 """Training throughput: the whole loop against the model alone, measured in one run.
 
     python benchmarks/bench_train.py                       # demo config on the CPU
-    python benchmarks/bench_train.py --rounds 9 --steps 60          # longer, for a noisy machine
+    python benchmarks/bench_train.py --rounds 40                 # more rounds, for a noisy machine
     python benchmarks/bench_train.py --steps 30 --config configs/demo.yaml train.batch_size=32
     python benchmarks/bench_train.py --steps 100 --images 2048 model.width_mult=1.0 model.batch_norm=false \
         train.batch_size=32 train.amp=bf16 data.num_workers=8    # on a GPU: the VOC-sized model
@@ -156,9 +156,9 @@ def interleaved_rounds(runners: dict[str, Callable[[int], None]], rounds: int, s
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--steps", type=int, default=40, help="timed steps per measurement")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
-    parser.add_argument("--rounds", type=int, default=5, help="measurements of each, interleaved")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
+    parser.add_argument("--rounds", type=int, default=20, help="measurements of each, interleaved")
     parser.add_argument("--images", type=int, default=256, help="synthetic images generated for the loop")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
