@@ -10,10 +10,10 @@
 MultiBoxLoss with matching and hard negatives, backward, optimizer and EMA step.
 "model only": forward, a trivial loss on the outputs, backward and optimizer step on one batch of
 pre-loaded tensors, with the same model, batch size, precision and memory format.
-The ratio says how much the loop adds on top of the model. The two are timed in alternating rounds (and the
-image cache is filled first, as after train.py's first epoch), and the ratio is the median of the rounds'
-ratios, so a machine whose speed drifts during the run does not decide it. On CUDA the model-only figure is also measured
-in fp32 without channels_last, for the AMP + channels_last speed-up.
+The ratio says how much the loop adds on top of the model. The two are timed in alternating rounds (and
+the image cache is filled first, as after train.py's first epoch), and the ratio is the median of the
+rounds' ratios, so a machine whose speed drifts during the run does not decide it. On CUDA the model-only
+figure is also measured in fp32 without channels_last, for the AMP + channels_last speed-up.
 """
 
 from __future__ import annotations
@@ -64,16 +64,20 @@ def build_loader(cfg, root: Path, n_images: int, batch_size: int, device: torch.
     return loader, sampler
 
 
-def whole_loop_runner(cfg, loader, sampler, device, amp_dtype, channels_last) -> Callable[[int], None]:
-    """`run(k)` trains k more steps exactly as train.py's loop does, across epoch boundaries."""
+def _seeded_model(cfg, device, channels_last) -> tuple[torch.nn.Module, torch.memory_format, torch.optim.Optimizer]:
+    """The config's model (same initial weights for every runner) in training mode, and its optimizer."""
     torch.manual_seed(0)
     model = build_model(cfg.model, len(cfg.data.classes), cfg.loss.classification).to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    model = model.to(memory_format=memory_format).train()
+    return model, memory_format, build_optimizer(cfg.train, model)
+
+
+def whole_loop_runner(cfg, loader, sampler, device, amp_dtype, channels_last) -> Callable[[int], None]:
+    """`run(k)` trains k more steps exactly as train.py's loop does, across epoch boundaries."""
+    model, memory_format, optimizer = _seeded_model(cfg, device, channels_last)
     criterion = build_criterion(cfg.loss, model).to(device)
-    optimizer = build_optimizer(cfg.train, model)
     ema = ModelEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    model.train()
 
     def batches():
         epoch = 0
@@ -105,11 +109,7 @@ def whole_loop_runner(cfg, loader, sampler, device, amp_dtype, channels_last) ->
 
 def model_only_runner(cfg, batch_size, device, amp_dtype, channels_last) -> Callable[[int], None]:
     """`run(k)`: k steps of forward, a trivial loss, backward and optimizer step on one pre-loaded batch."""
-    torch.manual_seed(0)
-    model = build_model(cfg.model, len(cfg.data.classes), cfg.loss.classification).to(device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format).train()
-    optimizer = build_optimizer(cfg.train, model)
+    model, memory_format, optimizer = _seeded_model(cfg, device, channels_last)
     size = cfg.model.image_size
     images = torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=memory_format)
 
