@@ -226,4 +226,3 @@ def match_priors_atss(gt_boxes_xyxy: Tensor, gt_labels: Tensor, valid: Tensor, p
         forced=forced_claims.any(dim=1),
         positive=positive,
     )
-
