@@ -6,7 +6,7 @@ import torch
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import box_iou
 
-from utils.boxes import cxcywh_to_xyxy, decode_boxes, encode_boxes, pairwise_iou, xyxy_to_cxcywh
+from utils.boxes import aligned_iou, cxcywh_to_xyxy, decode_boxes, encode_boxes, pairwise_iou, xyxy_to_cxcywh
 
 
 def random_boxes(n, generator):
@@ -71,3 +71,19 @@ def test_pairwise_iou_equals_torchvision():
     others = torch.tensor([[0.5, 0.0, 1.5, 1.0], [2.0, 2.0, 3.0, 3.0]])
     assert torch.allclose(pairwise_iou(squares, others), torch.tensor([[1 / 3, 0.0]]))
     assert pairwise_iou(torch.zeros(0, 4), b).shape == (0, 23)
+
+
+def test_aligned_iou_pairs_boxes_position_by_position():
+    g = torch.Generator().manual_seed(3)
+    a, b = random_boxes(5, g), random_boxes(5, g)
+    assert torch.allclose(aligned_iou(a, b), box_iou(a, b).diagonal(), atol=1e-6)
+    # each of 5 boxes against its own 7 boxes
+    own = torch.stack([random_boxes(7, g) for _ in range(5)])  # (5, 7, 4)
+    iou = aligned_iou(a[:, None, :], own)
+    assert iou.shape == (5, 7)
+    for k in range(5):
+        assert torch.allclose(iou[k], box_iou(a[k:k + 1], own[k])[0], atol=1e-6)
+    # hand-computed: a unit square against itself, a half-overlapping one and a disjoint one
+    square = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    others = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.5, 0.0, 1.5, 1.0], [2.0, 2.0, 3.0, 3.0]])
+    assert torch.allclose(aligned_iou(square, others), torch.tensor([1.0, 1 / 3, 0.0]))
