@@ -120,7 +120,9 @@ class TinyDetector(nn.Module):
         return locs, scores
 
     def detect_objects(self, locs: Tensor, scores: Tensor, min_score: float = 0.01, max_overlap: float = 0.45,
-                       top_k: int = 200, activation: str = "softmax") -> list[Detections]:
+                       top_k: int = 200, activation: str = "softmax",
+                       box_voting_iou: float | None = None) -> list[Detections]:
         """Per-image detections from :meth:`forward`'s outputs (:func:`utils.postprocess.detect_objects`)."""
         return detect_objects(locs, scores, self.priors_cxcywh, min_score=min_score, max_overlap=max_overlap,
-                              top_k=top_k, variances=self.variances, activation=activation)
+                              top_k=top_k, variances=self.variances, activation=activation,
+                              box_voting_iou=box_voting_iou)

@@ -13,8 +13,10 @@ from utils.postprocess import PostprocessError, detect_objects
 
 
 def naive_detect_objects(locs, scores, priors_cxcywh, *, min_score=0.01, max_overlap=0.45, top_k=200,
-                         variances=(0.1, 0.2), activation="softmax"):
-    """Per image, per class, greedy NMS one box at a time. Returns a list of (boxes, labels, scores)."""
+                         variances=(0.1, 0.2), activation="softmax", box_voting_iou=None):
+    """Per image, per class, greedy NMS one box at a time, then (optionally) each kept box replaced by the
+    mean of its class's candidate boxes that overlap it by >= box_voting_iou, one box at a time.
+    Returns a list of (boxes, labels, scores)."""
     results = []
     for i in range(locs.shape[0]):
         if activation == "softmax":
@@ -36,7 +38,12 @@ def naive_detect_objects(locs, scores, priors_cxcywh, *, min_score=0.01, max_ove
                     continue
                 suppress |= overlap[b] > max_overlap
                 suppress[b] = False
-            kept_boxes.append(class_boxes[~suppress])
+            survivors = class_boxes[~suppress].clone()
+            if box_voting_iou is not None:
+                for b in range(len(survivors)):
+                    voters = box_iou(survivors[b:b + 1], class_boxes)[0] >= box_voting_iou
+                    survivors[b] = class_boxes[voters].mean(dim=0)
+            kept_boxes.append(survivors)
             kept_labels.append(torch.full((int((~suppress).sum()),), c, dtype=torch.long))
             kept_scores.append(class_scores[~suppress])
         if not kept_boxes:
@@ -96,17 +103,62 @@ def test_boxes_clipped_to_unit_square():
     assert box[0] == 0 and box[3] == 1
 
 
-@pytest.mark.parametrize(("activation", "top_k"), [("softmax", 200), ("softmax", 7), ("sigmoid", 50)])
-def test_equals_naive_nms_on_random_boxes(activation, top_k):
+def test_hand_computed_box_voting():
+    locs, scores, priors = hand_case()
+    # Class 1: prior 0 (kept) and prior 1 (suppressed, IoU 0.905) both vote, so the box is centred at
+    # x = (0.3 + 0.32) / 2 = 0.31. Class 2 at prior 2 has no other candidate of its class near it.
+    dets = detect_objects(locs, scores, priors, min_score=0.2, box_voting_iou=0.5)
+    for det in dets[:2]:
+        assert det.labels.tolist() == [1, 2]
+        assert torch.allclose(det.boxes, torch.tensor([[0.11, 0.1, 0.51, 0.5], [0.7, 0.7, 0.9, 0.9]]), atol=1e-6)
+        assert torch.allclose(det.scores, detect_objects(locs, scores, priors, min_score=0.2)[0].scores)
+    # above the pair's IoU of 0.905, prior 1 no longer votes
+    dets = detect_objects(locs, scores, priors, min_score=0.2, box_voting_iou=0.95)
+    assert torch.allclose(dets[0].boxes, cxcywh_to_xyxy(priors[[0, 2]]), atol=1e-6)
+    # at min_score 0.1, prior 1's class 2 candidate is a detection of its own; prior 0 overlaps it by 0.905
+    # but votes only for class 1 (its class 2 score, 0.045, is below min_score)
+    dets = detect_objects(locs, scores, priors, min_score=0.1, box_voting_iou=0.5)
+    assert dets[0].labels.tolist() == [1, 2, 2]
+    assert torch.allclose(dets[0].boxes[2], cxcywh_to_xyxy(priors[1]), atol=1e-6)
+
+
+def test_box_voting_keeps_a_zero_area_box():
+    # The prior lies right of the image: its box clips to zero width, and its IoU with itself is 0 / 0.
+    priors = torch.tensor([[1.2, 0.5, 0.1, 0.1], [0.5, 0.5, 0.2, 0.2]])
+    dets = detect_objects(torch.zeros(1, 2, 4), torch.tensor([[[0.0, 5.0], [0.0, 4.0]]]), priors,
+                          box_voting_iou=0.5)
+    assert torch.isfinite(dets[0].boxes).all()
+    assert dets[0].boxes[0].tolist() == pytest.approx([1.0, 0.45, 1.0, 0.55])
+
+
+def test_box_voting_in_chunks_equals_all_at_once():
+    g = torch.Generator().manual_seed(2)
+    priors = create_prior_boxes()
+    boxes = decode_boxes(torch.randn(3, 441, 4, generator=g) * 0.3, priors).clamp(0, 1)
+    class_scores = torch.rand(3, 441, 4, generator=g)
+    image_idx = torch.tensor([0, 0, 1, 2, 2, 2])
+    prior_idx = torch.tensor([5, 200, 17, 0, 440, 100])
+    class_idx = torch.tensor([0, 3, 1, 2, 2, 0])
+    args = (boxes, class_scores, image_idx, prior_idx, class_idx, 0.3, 0.5)
+    whole = postprocess.vote_boxes(*args)
+    assert torch.allclose(postprocess.vote_boxes(*args, max_pairs=441), whole)  # one detection per chunk
+    assert torch.allclose(postprocess.vote_boxes(*args, max_pairs=3 * 441), whole)
+    assert not torch.allclose(whole, boxes[image_idx, prior_idx])  # the vote moved the boxes
+
+
+@pytest.mark.parametrize(("activation", "top_k", "box_voting_iou"),
+                         [("softmax", 200, None), ("softmax", 7, None), ("sigmoid", 50, None),
+                          ("softmax", 200, 0.5), ("sigmoid", 50, 0.7)])  # fmt: skip
+def test_equals_naive_nms_on_random_boxes(activation, top_k, box_voting_iou):
     g = torch.Generator().manual_seed(0)
     priors = create_prior_boxes()
     locs = torch.randn(3, 441, 4, generator=g) * 0.5
     scores = torch.randn(3, 441, 5, generator=g) * 2
     scores[1, :, 0], scores[1, :, 1:] = 20.0, -20.0  # one image with nothing above min_score
     dets = detect_objects(locs, scores, priors, min_score=0.05, max_overlap=0.45, top_k=top_k,
-                          activation=activation)
+                          activation=activation, box_voting_iou=box_voting_iou)
     expected = naive_detect_objects(locs, scores, priors, min_score=0.05, max_overlap=0.45, top_k=top_k,
-                                    activation=activation)
+                                    activation=activation, box_voting_iou=box_voting_iou)
     assert dets[1].boxes.shape[0] == 0
     for det, (boxes, labels, scores_) in zip(dets, expected, strict=True):
         assert det.labels.tolist() == labels.tolist()
@@ -176,3 +228,6 @@ def test_bad_inputs():
         detect_objects(locs, scores, priors, top_k=0)
     with pytest.raises(PostprocessError, match="candidates_per_image"):
         detect_objects(locs, scores, priors, top_k=5, candidates_per_image=4)
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(PostprocessError, match="box_voting_iou"):
+            detect_objects(locs, scores, priors, box_voting_iou=bad)

