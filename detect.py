@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-score", type=float, default=0.4, help="lowest score drawn and reported")
     parser.add_argument("--max-overlap", type=float, default=0.45, help="NMS IoU threshold")
     parser.add_argument("--top-k", type=int, default=200, help="most detections kept per image")
+    parser.add_argument(
+        "--box-voting-iou", type=float, default=None,
+        help="box voting IoU (0 turns it off); default: the checkpoint config's eval.box_voting_iou. The voters "
+        "are the candidates above --min-score",
+    )  # fmt: skip
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return parser
 
@@ -98,13 +103,13 @@ def draw_detections(image_rgb: np.ndarray, found: list[dict[str, Any]]) -> np.nd
 
 @torch.inference_mode()
 def detect_image(detector, transform, image_rgb: np.ndarray, device: torch.device, args: argparse.Namespace,
-                 class_names: list[str], activation: str) -> list[dict[str, Any]]:
+                 class_names: list[str], activation: str, box_voting_iou: float | None) -> list[dict[str, Any]]:
     height, width = image_rgb.shape[:2]
     tensor = transform(image=image_rgb, bboxes=np.zeros((0, 4)), labels=[], difficult=[])["image"]
     locs, scores = detector(tensor.unsqueeze(0).to(device))
     found = detector.detect_objects(
         locs.float(), scores.float(), min_score=args.min_score, max_overlap=args.max_overlap, top_k=args.top_k,
-        activation=activation,
+        activation=activation, box_voting_iou=box_voting_iou,
     )[0]
     scale = torch.tensor([width, height, width, height], dtype=torch.float32)
     boxes = (found.boxes.cpu() * scale).tolist()
@@ -126,12 +131,18 @@ def main(argv: list[str] | None = None) -> int:
         detector = detector_from_checkpoint(checkpoint, args.checkpoint).to(device).eval()
         transform = build_eval_transform(detector.image_size)
         activation = score_activation_for(checkpoint["config"]["loss"]["classification"])
+        box_voting_iou = args.box_voting_iou
+        if box_voting_iou is None:
+            box_voting_iou = checkpoint["config"].get("eval", {}).get("box_voting_iou")
+        if box_voting_iou is not None and not 0.0 <= box_voting_iou <= 1.0:
+            raise InputError(f"--box-voting-iou must be in [0, 1] (0 turns voting off), got {box_voting_iou}")
+        box_voting_iou = box_voting_iou or None
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         report = []
         for path in files:
             image = read_rgb(path)
-            found = detect_image(detector, transform, image, device, args, class_names, activation)
+            found = detect_image(detector, transform, image, device, args, class_names, activation, box_voting_iou)
             drawn_path = output_dir / f"{path.stem}_detections.jpg"
             if not cv2.imwrite(str(drawn_path), draw_detections(image, found)):
                 raise InputError(f"cannot write {drawn_path}")

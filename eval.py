@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 min_score=cfg.eval.min_score, max_overlap=cfg.eval.max_overlap, top_k=cfg.eval.top_k,
                 context=DistributedContext(),
                 activation=score_activation_for(checkpoint["config"]["loss"]["classification"]),
+                box_voting_iou=cfg.eval.box_voting_iou,
             )  # fmt: skip
             output_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent / "eval"
             write_voc_results(output_dir, detections, class_names)

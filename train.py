@@ -329,7 +329,8 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             batch_size=cfg.eval.batch_size, num_workers=min(workers, 2), amp_dtype=amp_dtype,
             channels_last=cfg.train.channels_last, min_score=cfg.eval.min_score,
             max_overlap=cfg.eval.max_overlap, top_k=cfg.eval.top_k, context=context,
-            activation=score_activation_for(cfg.loss.classification), show_progress=show_progress,
+            activation=score_activation_for(cfg.loss.classification), box_voting_iou=cfg.eval.box_voting_iou,
+            show_progress=show_progress,
         )  # fmt: skip
         if not context.is_main:
             return broadcast_object(None, context)

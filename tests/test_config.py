@@ -55,6 +55,8 @@ def test_unknown_section_is_named(tmp_path):
         ("model:\n  image_size: 100\n", "model.image_size"),
         ("train:\n  batch_size: 0\n", "train.batch_size"),
         ("loss:\n  threshold: 0.5\n  ignore_threshold: 0.6\n", "loss.ignore_threshold"),
+        ("eval:\n  box_voting_iou: 0\n", "eval.box_voting_iou"),
+        ("eval:\n  box_voting_iou: 1.5\n", "eval.box_voting_iou"),
         ("loss:\n  matching: nearest\n", "loss.matching"),
         ("loss:\n  atss_candidates: 1\n", "loss.atss_candidates"),
     ],

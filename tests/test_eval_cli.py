@@ -111,3 +111,23 @@ def test_detect_rejects_missing_input(trained, tmp_path, capfd):
     assert code == 2
     assert "no image files found" in capfd.readouterr().err
     assert torch.__version__  # torch stays importable after the CLI's error path
+
+
+def test_detect_box_voting_moves_boxes_not_scores(trained, tmp_path, capfd):
+    image = sorted((trained["root"] / "shapes" / "VOCdevkit" / "SHAPES" / "JPEGImages").glob("*.jpg"))[0]
+    reports = {}
+    for voting in ("0", "0.3"):
+        out = tmp_path / voting
+        code = detect_module.main(["--checkpoint", str(trained["best"]), "--input", str(image), "--output-dir",
+                                   str(out), "--min-score", "0.0", "--top-k", "5", "--box-voting-iou", voting])
+        assert code == 0
+        reports[voting] = json.loads((out / "detections.json").read_text())[0]["detections"]
+    plain, voted = reports["0"], reports["0.3"]
+    assert [d["score"] for d in voted] == [d["score"] for d in plain]
+    assert [d["class"] for d in voted] == [d["class"] for d in plain]
+    assert any(v["box"] != p["box"] for v, p in zip(voted, plain, strict=True))
+
+    code = detect_module.main(["--checkpoint", str(trained["best"]), "--input", str(image), "--output-dir",
+                               str(tmp_path / "bad"), "--box-voting-iou", "1.5"])
+    assert code == 2
+    assert "--box-voting-iou" in capfd.readouterr().err

@@ -143,6 +143,7 @@ class EvalConfig:
     min_score: float = 0.01
     max_overlap: float = 0.45
     top_k: int = 200
+    box_voting_iou: float | None = None
     batch_size: int = 32
     coco_metrics: bool = True
 
@@ -331,6 +332,9 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'loss.atss_candidates' must be at least 2, got {cfg.loss.atss_candidates}"
         )
+    voting = cfg.eval.box_voting_iou
+    if voting is not None and not 0.0 < voting <= 1.0:
+        raise ConfigError(f"config key 'eval.box_voting_iou' must be null or in (0, 1], got {voting}")
     if not 0.0 <= cfg.data.test_fraction < 1.0:
         raise ConfigError(f"config key 'data.test_fraction' must be in [0, 1), got {cfg.data.test_fraction}")
 

@@ -274,6 +274,7 @@ def run_inference(
     top_k: int,
     context: DistributedContext,
     activation: str = "softmax",
+    box_voting_iou: float | None = None,
     show_progress: bool = True,
 ) -> list[ImageDetections]:
     """Detections for every record (in record order) in devkit pixel coordinates.
@@ -301,7 +302,7 @@ def run_inference(
             locs, scores = detector(images)
         per_image = detector.detect_objects(
             locs.float(), scores.float(), min_score=min_score, max_overlap=max_overlap, top_k=top_k,
-            activation=activation,
+            activation=activation, box_voting_iou=box_voting_iou,
         )
         for index, found in zip(indices.tolist(), per_image, strict=True):
             shard_results.append(
