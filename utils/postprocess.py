@@ -151,8 +151,8 @@ def vote_boxes(boxes: Tensor, class_scores: Tensor, image_idx: Tensor, prior_idx
     object from neighbouring priors. Averaging them reduces the error of any single prior's regression.
     On the demo (mean of 4 seeds), voting at IoU 0.5 moves VOC07 mAP from 0.8998 to 0.9020 and VOC10+ from
     0.9614 to 0.9649, but COCO AP from 0.694 to 0.690: the looser neighbours pull tight boxes off. At 0.75,
-    COCO AP rises to 0.721 and VOC07 to 0.9014. Every candidate counts the same; weighting by score gave
-    less (VOC07 0.9013 at 0.5), since then the kept box, whose score is the highest, dominates the mean.
+    COCO AP rises to 0.721 and VOC07 to 0.9014. Every candidate counts the same: weighting the boxes by
+    their scores gave less (VOC07 0.9013 at 0.5).
 
     Args:
         boxes: ``(N, P, 4)`` decoded boxes of every prior.
