@@ -182,6 +182,25 @@ def test_fused_step_equals_expand_crop_resize_in_a_row():
     assert changed > 10
 
 
+def test_window_inside_the_image_is_resized_exactly_as_crop_then_resize():
+    # Without a zoom-out the window lies inside the photograph, and the fused step takes cv2.resize's path:
+    # the same pixels as IoURandomCrop then A.Resize, not just the same picture.
+    image, boxes, labels, difficult = raccoon_samples()[5]
+    params = A.BboxParams(format="albumentations", label_fields=["labels", "difficult"])
+    separate = A.Compose([IoURandomCrop(), A.Resize(96, 96)], bbox_params=params)
+    fused = A.Compose([ExpandCropResize(96, expand_max_ratio=1.0)], bbox_params=params)
+    seed_transform(separate, 3)
+    seed_transform(fused, 3)
+    cropped = 0
+    for _ in range(20):
+        a = separate(image=image, bboxes=boxes, labels=labels, difficult=difficult)
+        b = fused(image=image, bboxes=boxes, labels=labels, difficult=difficult)
+        np.testing.assert_array_equal(b["image"], a["image"])
+        np.testing.assert_allclose(np.asarray(b["bboxes"]), np.asarray(a["bboxes"]), rtol=0, atol=1e-9)
+        cropped += not np.allclose(np.asarray(b["bboxes"]), boxes)
+    assert cropped > 5
+
+
 def test_image_without_boxes_passes_through_training():
     transform = build_train_transform(96, seed=1)
     image = np.zeros((50, 70, 3), np.uint8)
