@@ -9,7 +9,8 @@ Training (SSD recipe): zoom-out (`Expand`: a canvas up to 4x filled with the mea
 random crop (`IoURandomCrop`), resize to S x S, horizontal flip, photometric distortion, normalization.
 The first three run as one step, `ExpandCropResize`: the same random draws and boxes as `Expand`,
 `IoURandomCrop` and `A.Resize` in a row, but one affine warp from the source photograph straight to
-S x S instead of building a canvas of up to 16x the photograph's pixels. Flip and photometric distortion
+S x S instead of building a canvas of up to 16x the photograph's pixels (and a plain resize of the crop,
+the same pixels as the steps in a row, when the window lies inside the photograph). Flip and photometric distortion
 run after the resize: they commute with it (a flip exactly, the per-pixel colour changes up to
 interpolation rounding), and on the S x S image they cost a fraction of what they cost on a large
 photograph.
@@ -257,7 +258,7 @@ class ExpandCropResize(A.DualTransform):
     done as one affine warp of the source image.
 
     Same random draws, same boxes as the three steps in a row; the image differs only by interpolation
-    rounding. The zoom-out canvas is never built: on a large photograph a 4x canvas is up to 16x its
+    rounding after a zoom-out, and not at all when the window lies inside the image. The zoom-out canvas is never built: on a large photograph a 4x canvas is up to 16x its
     pixels, which made the separate steps the slowest part of training. Pixels outside the source image
     get `fill`. `min_ious=(None,)` disables the crop. Targets: image, bboxes.
     """
