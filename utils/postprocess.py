@@ -149,10 +149,9 @@ def vote_boxes(boxes: Tensor, class_scores: Tensor, image_idx: Tensor, prior_idx
 
     NMS keeps one box per object and throws away the others, although they are predictions of the same
     object from neighbouring priors. Averaging them reduces the error of any single prior's regression.
-    On the demo (mean of 4 seeds), voting at IoU 0.5 moves VOC07 mAP from 0.8998 to 0.9020 and VOC10+ from
-    0.9614 to 0.9649, but COCO AP from 0.694 to 0.690: the looser neighbours pull tight boxes off. At 0.75,
-    COCO AP rises to 0.721 and VOC07 to 0.9014. Every candidate counts the same: weighting the boxes by
-    their scores gave less (VOC07 0.9013 at 0.5).
+    On the demo, voting at IoU 0.5 raises both VOC mAPs for every seed but costs a little COCO AP: the
+    looser neighbours pull tight boxes off. Voting at 0.7-0.75 raises COCO AP most (docs/BENCHMARKS.md).
+    Every candidate counts the same: weighting the boxes by their scores gave less.
 
     Args:
         boxes: ``(N, P, 4)`` decoded boxes of every prior.
