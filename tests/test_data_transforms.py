@@ -162,42 +162,43 @@ def test_crop_respects_min_iou_and_patch_shape():
     assert whole.get_params_dependent_on_data({"shape": (100, 200, 3)}, {"bboxes": box}) == {"crop": (0, 0, 200, 100)}
 
 
-def test_fused_step_equals_expand_crop_resize_in_a_row():
-    image, boxes, labels, difficult = raccoon_samples()[5]  # raccoon-177: two boxes
+def compare_with_fused_step(separate_steps, fused_step, seed, draws, check_images):
+    """Run both pipelines, seeded alike, `draws` times on raccoon-177 (two boxes): boxes and labels must agree,
+    `check_images(separate_image, fused_image)` judges the pixels. Returns how many draws moved the boxes."""
+    image, boxes, labels, difficult = raccoon_samples()[5]
     params = A.BboxParams(format="albumentations", label_fields=["labels", "difficult"])
-    separate = A.Compose([Expand(max_ratio=4.0, p=0.5), IoURandomCrop(), A.Resize(96, 96)], bbox_params=params)
-    fused = A.Compose([ExpandCropResize(96, expand_max_ratio=4.0, expand_probability=0.5)], bbox_params=params)
-    seed_transform(separate, 11)
-    seed_transform(fused, 11)
-    changed = 0
-    for _ in range(30):
+    separate = A.Compose(separate_steps, bbox_params=params)
+    fused = A.Compose([fused_step], bbox_params=params)
+    seed_transform(separate, seed)
+    seed_transform(fused, seed)
+    moved = 0
+    for _ in range(draws):
         a = separate(image=image, bboxes=boxes, labels=labels, difficult=difficult)
         b = fused(image=image, bboxes=boxes, labels=labels, difficult=difficult)
         np.testing.assert_allclose(np.asarray(b["bboxes"]), np.asarray(a["bboxes"]), rtol=0, atol=1e-9)
         assert np.asarray(a["labels"]).tolist() == np.asarray(b["labels"]).tolist()
-        assert a["image"].shape == b["image"].shape == (96, 96, 3)
-        diff = np.abs(a["image"].astype(int) - b["image"].astype(int))
+        check_images(a["image"], b["image"])
+        moved += not np.allclose(np.asarray(b["bboxes"]), boxes)
+    return moved
+
+
+def test_fused_step_equals_expand_crop_resize_in_a_row():
+    def same_picture(a, b):
+        assert a.shape == b.shape == (96, 96, 3)
+        diff = np.abs(a.astype(int) - b.astype(int))
         assert diff.mean() < 1.5  # the same picture; only interpolation rounding at edges differs
-        changed += not np.allclose(np.asarray(b["bboxes"]), boxes)
+
+    changed = compare_with_fused_step([Expand(max_ratio=4.0, p=0.5), IoURandomCrop(), A.Resize(96, 96)],
+                                      ExpandCropResize(96, expand_max_ratio=4.0, expand_probability=0.5),
+                                      seed=11, draws=30, check_images=same_picture)
     assert changed > 10
 
 
 def test_window_inside_the_image_is_resized_exactly_as_crop_then_resize():
     # Without a zoom-out the window lies inside the photograph, and the fused step takes cv2.resize's path:
     # the same pixels as IoURandomCrop then A.Resize, not just the same picture.
-    image, boxes, labels, difficult = raccoon_samples()[5]
-    params = A.BboxParams(format="albumentations", label_fields=["labels", "difficult"])
-    separate = A.Compose([IoURandomCrop(), A.Resize(96, 96)], bbox_params=params)
-    fused = A.Compose([ExpandCropResize(96, expand_max_ratio=1.0)], bbox_params=params)
-    seed_transform(separate, 3)
-    seed_transform(fused, 3)
-    cropped = 0
-    for _ in range(20):
-        a = separate(image=image, bboxes=boxes, labels=labels, difficult=difficult)
-        b = fused(image=image, bboxes=boxes, labels=labels, difficult=difficult)
-        np.testing.assert_array_equal(b["image"], a["image"])
-        np.testing.assert_allclose(np.asarray(b["bboxes"]), np.asarray(a["bboxes"]), rtol=0, atol=1e-9)
-        cropped += not np.allclose(np.asarray(b["bboxes"]), boxes)
+    cropped = compare_with_fused_step([IoURandomCrop(), A.Resize(96, 96)], ExpandCropResize(96, expand_max_ratio=1.0),
+                                      seed=3, draws=20, check_images=np.testing.assert_array_equal)
     assert cropped > 5
 
 
