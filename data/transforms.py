@@ -10,8 +10,8 @@ random crop (`IoURandomCrop`), resize to S x S, horizontal flip, photometric dis
 The first three run as one step, `ExpandCropResize`: the same random draws and boxes as `Expand`,
 `IoURandomCrop` and `A.Resize` in a row, but one affine warp from the source photograph straight to
 S x S instead of building a canvas of up to 16x the photograph's pixels (and a plain resize of the crop,
-the same pixels as the steps in a row, when the window lies inside the photograph). Flip and photometric distortion
-run after the resize: they commute with it (a flip exactly, the per-pixel colour changes up to
+the same pixels as the steps in a row, when the window lies inside the photograph). Flip and photometric
+distortion run after the resize: they commute with it (a flip exactly, the per-pixel colour changes up to
 interpolation rounding), and on the S x S image they cost a fraction of what they cost on a large
 photograph.
 
@@ -258,8 +258,9 @@ class ExpandCropResize(A.DualTransform):
     done as one affine warp of the source image.
 
     Same random draws, same boxes as the three steps in a row; the image differs only by interpolation
-    rounding after a zoom-out, and not at all when the window lies inside the image. The zoom-out canvas is never built: on a large photograph a 4x canvas is up to 16x its
-    pixels, which made the separate steps the slowest part of training. Pixels outside the source image
+    rounding after a zoom-out, and not at all when the window lies inside the image. The zoom-out canvas
+    is never built: on a large photograph a 4x canvas is up to 16x its pixels, which made the separate
+    steps the slowest part of training. Pixels outside the source image
     get `fill`. `min_ious=(None,)` disables the crop. Targets: image, bboxes.
     """
 
