@@ -169,12 +169,12 @@ def vote_boxes(boxes: Tensor, class_scores: Tensor, image_idx: Tensor, prior_idx
     step = max(1, max_pairs // n_priors)
     for start in range(0, image_idx.shape[0], step):  # chunks of detections, not one at a time
         images, priors, classes = (t[start:start + step] for t in (image_idx, prior_idx, class_idx))
+        rows = torch.arange(images.shape[0], device=images.device)
         members = boxes[images]  # (k, P, 4)
-        own_box = members[torch.arange(images.shape[0], device=images.device), priors]
-        overlap = aligned_iou(own_box[:, None, :], members)  # (k, P)
+        overlap = aligned_iou(members[rows, priors][:, None, :], members)  # (k, P)
         votes = (class_scores[images, :, classes] > min_score) & (overlap >= vote_iou)
         # The detection always votes for itself: a box clipped to zero area has an IoU of 0 / 0 = nan.
-        votes[torch.arange(images.shape[0], device=images.device), priors] = True
+        votes[rows, priors] = True
         weights = votes.to(boxes.dtype)
         voted[start:start + step] = torch.bmm(weights[:, None, :], members)[:, 0] / weights.sum(1, keepdim=True)
     return voted
