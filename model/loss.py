@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torchvision.ops import sigmoid_focal_loss
 
 from utils.boxes import encode_boxes
@@ -64,10 +65,12 @@ def hard_negative_mask(neg_loss: Tensor, positive: Tensor, neg_pos_ratio: float,
     """Select, per image, the ``neg_pos_ratio * n_pos`` negatives with the highest loss.
 
     Negatives are the priors that are neither positive nor ``ignored``; the count is capped by the
-    image's number of negatives. One ``topk`` with the batch's largest count
-    ranks every image at once; each image then keeps the first ``n_neg_i`` of its ranked priors. (The
-    classic alternative, sorting the losses and then sorting the sort indices to get every prior's rank,
-    selects the same set but costs two full sorts.)
+    image's number of negatives. The counts differ between images, while one ``topk`` call takes a single
+    ``k``: each image's row is extended with ``k_max - n_neg_i`` placeholders that outrank every prior, so
+    one unsorted top-``k_max`` over the batch returns the placeholders plus exactly that image's
+    ``n_neg_i`` hardest negatives. Unsorted, ``topk`` is a linear-time selection; the classic
+    alternatives (a sorted top-k, or sorting the losses and then the sort indices to get every prior's
+    rank) sort, which cost several times more here.
 
     Args:
         neg_loss: ``(N, P)`` per-prior classification loss (no gradient needed).
@@ -83,14 +86,48 @@ def hard_negative_mask(neg_loss: Tensor, positive: Tensor, neg_pos_ratio: float,
     n_available = excluded.shape[1] - excluded.sum(dim=1, keepdim=True)
     n_neg = torch.minimum((n_pos * neg_pos_ratio).floor().long(), n_available)  # (N, 1)
     k_max = int(n_neg.max()) if n_neg.numel() else 0
-    mask = torch.zeros_like(positive)
+    n_images, n_priors = positive.shape
     if k_max == 0:
-        return mask
-    # Excluded priors rank last, so the first n_neg_i ranked priors of an image are all negatives.
+        return torch.zeros_like(positive)
+    # Excluded priors rank last, below every negative, so they are never among an image's top n_neg_i.
     ranked = neg_loss.detach().masked_fill(excluded, -math.inf)
-    order = ranked.topk(k_max, dim=1, sorted=True).indices  # (N, k_max)
-    keep = torch.arange(k_max, device=order.device) < n_neg
-    return mask.scatter_(1, order, keep)
+    n_placeholders = k_max - n_neg  # (N, 1)
+    placeholders = torch.arange(k_max, device=ranked.device) < n_placeholders  # (N, k_max) bool
+    extended = torch.cat([ranked, torch.full_like(placeholders, -math.inf, dtype=ranked.dtype)
+                          .masked_fill_(placeholders, math.inf)], dim=1)
+    chosen = extended.topk(k_max, dim=1, sorted=False).indices  # (N, k_max), indices >= P are placeholders
+    mask = torch.zeros(n_images, n_priors + k_max, dtype=torch.bool, device=positive.device)
+    return mask.scatter_(1, chosen, True)[:, :n_priors]
+
+
+class _SelectedCrossEntropySum(torch.autograd.Function):
+    """Sum of the cross-entropies of the selected priors, from log-probabilities computed beforehand.
+
+    Hard-negative mining needs the log-softmax of every prior, but only the selected ones (about 4 x n_pos
+    of N x P) carry a gradient. Reusing that log-softmax saves a second pass over the selected rows in the
+    forward, and the backward computes ``softmax - one_hot`` for those rows only, where autograd through
+    the full log-softmax would touch every prior.
+    """
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, log_probs: Tensor, cross_entropy: Tensor, target: Tensor,
+                selected: Tensor) -> Tensor:
+        """``scores`` (N, P, C) only carries the gradient; ``log_probs`` is its log-softmax and
+        ``cross_entropy`` (N, P) the per-prior loss for ``target``; ``selected`` (N, P) bool."""
+        ctx.save_for_backward(log_probs, target, selected)
+        return cross_entropy.mul(selected).sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        log_probs, target, selected = ctx.saved_tensors
+        image_idx, prior_idx = selected.nonzero(as_tuple=True)
+        rows_grad = log_probs[image_idx, prior_idx].exp_()  # softmax of the selected rows
+        rows = torch.arange(rows_grad.shape[0], device=rows_grad.device)
+        rows_grad[rows, target[image_idx, prior_idx]] -= 1.0
+        grad_scores = torch.zeros_like(log_probs)
+        grad_scores[image_idx, prior_idx] = rows_grad.mul_(grad_output)
+        return grad_scores, None, None, None, None
 
 
 class MultiBoxLoss(nn.Module):
@@ -269,14 +306,13 @@ class MultiBoxLoss(nn.Module):
 
     def _hard_negative_loss(self, scores: Tensor, target: Tensor, positive: Tensor,
                             ignored: Tensor | None) -> Tensor:
-        # Negatives are ranked by their background cross-entropy, computed without autograd; only the
-        # positives and the chosen negatives (about 4 x n_pos of N x P priors) then get a differentiable
-        # cross-entropy, so the backward pass touches those rows only.
+        # One log-softmax over all priors, without autograd, gives every prior's cross-entropy: the
+        # negatives' (target 0) rank them, and the positives' and chosen negatives' are summed.
         with torch.no_grad():
-            background_ce = -F.log_softmax(scores, dim=-1)[..., 0]
-        hard_neg = hard_negative_mask(background_ce, positive, self.neg_pos_ratio, ignored)
-        image_idx, prior_idx = (positive | hard_neg).nonzero(as_tuple=True)
-        return F.cross_entropy(scores[image_idx, prior_idx], target[image_idx, prior_idx], reduction="sum")
+            log_probs = F.log_softmax(scores, dim=-1)
+            cross_entropy = -log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (N, P)
+        hard_neg = hard_negative_mask(cross_entropy, positive, self.neg_pos_ratio, ignored)
+        return _SelectedCrossEntropySum.apply(scores, log_probs, cross_entropy, target, positive | hard_neg)
 
     def _sigmoid_focal(self, scores: Tensor, target: Tensor) -> Tensor:
         # One binary problem per object class; background is the all-zero target, its logit unused.

@@ -117,6 +117,8 @@ def test_equals_reference_on_random_batches(classification, ignore_threshold, ma
                            matching=matching)
     for _ in range(4):
         locs, scores, boxes, labels = random_batch(6, 10, 21, g)
+        locs.requires_grad_(True)
+        scores.requires_grad_(True)
         out = loss_fn(locs, scores, boxes, labels)
         total, loc, conf, n_pos = reference_multibox_loss(locs, scores, boxes, labels, priors,
                                                           classification=classification,
@@ -126,6 +128,11 @@ def test_equals_reference_on_random_batches(classification, ignore_threshold, ma
         assert torch.allclose(out.localization, loc, rtol=1e-5, atol=1e-5), (out.localization, loc)
         assert torch.allclose(out.confidence, conf, rtol=1e-5, atol=1e-5), (out.confidence, conf)
         assert torch.allclose(out.total, total, rtol=1e-5, atol=1e-5)
+        # the gradients too: the hard-negative loss computes its own backward
+        grads = torch.autograd.grad(out.total, (locs, scores))
+        reference_grads = torch.autograd.grad(total, (locs, scores))
+        for grad, reference_grad in zip(grads, reference_grads, strict=True):
+            assert torch.allclose(grad, reference_grad, rtol=1e-5, atol=1e-7)
 
 
 def test_smooth_l1_hand_computed():
@@ -162,6 +169,24 @@ def test_hard_negative_count_is_three_to_one_and_capped():
     # the chosen negatives are the hardest ones
     negatives = ~positive[0]
     assert neg_loss[0][mask[0]].min() > neg_loss[0][negatives & ~mask[0]].max()
+
+
+def test_hard_negatives_equal_a_per_image_sort():
+    # Every image wants a different count, so each row of the batched selection holds a different number
+    # of placeholders; the chosen set must still be exactly each image's n_neg_i largest losses.
+    g = torch.Generator().manual_seed(4)
+    for _ in range(20):
+        neg_loss = torch.rand(8, 441, generator=g) * 5
+        positive = torch.rand(8, 441, generator=g) < torch.rand(8, 1, generator=g) * 0.4
+        ignored = (torch.rand(8, 441, generator=g) < 0.1) & ~positive
+        mask = hard_negative_mask(neg_loss, positive, 3, ignored)
+        for image in range(8):
+            candidates = (~positive[image] & ~ignored[image]).nonzero().squeeze(1)
+            n_neg = min(3 * int(positive[image].sum()), len(candidates))
+            hardest = candidates[neg_loss[image, candidates].argsort(descending=True)[:n_neg]]
+            expected = torch.zeros(441, dtype=torch.bool)
+            expected[hardest] = True
+            assert torch.equal(mask[image], expected)
 
 
 def test_hard_negatives_skip_ignored_priors():
