@@ -33,8 +33,8 @@ class Matches(NamedTuple):
 
     Attributes:
         labels: ``(N, P)`` long, the matched box's label for positive priors, 0 (background) elsewhere.
-        gt_index: ``(N, P)`` long, index of the matched box in the padded ground truth (meaningful for
-            positives; the matched box of prior p in image n is ``gt_boxes_xyxy[n, gt_index[n, p]]``).
+        gt_index: ``(N, P)`` long, index of the matched box in the padded ground truth for positives (the
+            matched box of prior p in image n is ``gt_boxes_xyxy[n, gt_index[n, p]]``), 0 elsewhere.
         iou: ``(N, P)`` the prior's best IoU with any real box of its image (-1 when it has none).
         forced: ``(N, P)`` bool, the prior was claimed as a box's best prior.
         positive: ``(N, P)`` bool, ``forced | (iou >= threshold)``.
@@ -131,26 +131,32 @@ def match_priors(gt_boxes_xyxy: Tensor, gt_labels: Tensor, valid: Tensor, priors
     iou = pairwise_iou(gt_boxes_xyxy[valid], cxcywh_to_xyxy(priors_cxcywh))  # (B, P)
     rows = box_image[:, None].expand_as(iou)
 
-    # Best box of each prior: the highest IoU (-1 in images without boxes), then the lowest slot on ties.
-    # Slots travel as floats (exact below 2**24) because float scatter_reduce is ~20x faster on CPU.
+    # Best IoU of each prior over its image's boxes (-1 in images without boxes).
     prior_iou = iou.new_full((n_images, n_priors), -1.0).scatter_reduce_(0, rows, iou, reduce="amax")
-    slot = box_slot.to(iou.dtype)
-    slot_if_best = torch.where(iou == prior_iou.index_select(0, box_image), slot[:, None], float(max_boxes))
-    prior_gt = iou.new_full((n_images, n_priors), float(max_boxes))
-    prior_gt = prior_gt.scatter_reduce_(0, rows, slot_if_best, reduce="amin").long().clamp_(max=max_boxes - 1)
 
     # Claims: every box claims its best prior (first index on ties). Per claimed prior the highest claim
     # IoU wins, then the lowest slot among the claimants reaching it.
     claim_iou, claim_prior = iou.max(dim=1)  # (B,)
+    slot = box_slot.to(iou.dtype)  # floats (exact below 2**24): float scatter_reduce is ~20x faster on CPU
     flat_prior = box_image * n_priors + claim_prior
     best_claim = iou.new_full((n_images * n_priors,), -1.0).scatter_reduce_(0, flat_prior, claim_iou, "amax")
     slot_if_winner = torch.where(claim_iou == best_claim[flat_prior], slot, float(max_boxes))
     winner = iou.new_full((n_images * n_priors,), float(max_boxes))
     winner = winner.scatter_reduce_(0, flat_prior, slot_if_winner, reduce="amin").view(n_images, n_priors)
     forced = winner < max_boxes
-    gt_index = torch.where(forced, winner.long(), prior_gt)
-
     positive = forced | (prior_iou >= threshold)
+
+    # Which box a prior above the threshold takes: the first slot reaching its best IoU. Only those priors
+    # (a few percent) need it, so the search runs over their (prior, slot) pairs instead of all B x P.
+    image_idx, prior_idx = (positive & ~forced).nonzero(as_tuple=True)
+    boxes_per_image = valid.sum(dim=1)
+    first_row = torch.cumsum(boxes_per_image, 0) - boxes_per_image  # flat row of each image's slot 0
+    slots = torch.arange(max_boxes, device=iou.device)
+    pair_row = (first_row[image_idx, None] + slots).clamp_(max=iou.shape[0] - 1)  # (K, M)
+    pair_iou = iou[pair_row, prior_idx[:, None]].masked_fill_(~valid[image_idx], -1.0)
+    gt_index = torch.where(forced, winner.long(), 0)
+    gt_index[image_idx, prior_idx] = pair_iou.argmax(dim=1)  # first slot on equal IoU
+
     labels = torch.where(positive, gt_labels.gather(1, gt_index), torch.zeros_like(gt_index))
     return Matches(labels=labels, gt_index=gt_index, iou=prior_iou, forced=forced, positive=positive)
 
