@@ -20,7 +20,14 @@ from torch.autograd.function import once_differentiable
 from torchvision.ops import sigmoid_focal_loss
 
 from utils.boxes import encode_boxes
-from utils.matching import MATCHING_RULES, TargetError, match_priors, match_priors_atss, pad_targets
+from utils.matching import (
+    MATCHING_RULES,
+    TargetError,
+    Targets,
+    flatten_targets,
+    match_priors,
+    match_priors_atss,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +137,12 @@ class _SelectedCrossEntropySum(torch.autograd.Function):
         return grad_scores, None, None, None, None
 
 
+def _position(targets: Targets, row: int) -> str:
+    """``"[image][box]"`` of a row of the flat targets, as the caller's per-image lists index it."""
+    image = int(targets.image[row])
+    return f"[{image}][{row - int(targets.first_row[image])}]"
+
+
 class MultiBoxLoss(nn.Module):
     """Loss of the single-shot detector.
 
@@ -227,23 +240,22 @@ class MultiBoxLoss(nn.Module):
                 f"got {len(boxes)} box tensors for a batch of {predicted_locs.shape[0]} images"
             )
 
-    def _check_targets(self, gt_boxes: Tensor, gt_labels: Tensor, valid: Tensor, n_classes: int) -> None:
+    def _check_targets(self, targets: Targets, n_classes: int) -> None:
         # One host sync for all checks; bad targets would otherwise surface later as NaN or a CUDA assert.
-        box_w = gt_boxes[..., 2] - gt_boxes[..., 0]
-        box_h = gt_boxes[..., 3] - gt_boxes[..., 1]
-        bad_box = valid & ~(torch.isfinite(gt_boxes).all(dim=-1) & (box_w > 0) & (box_h > 0))
-        bad_label = valid & ((gt_labels < 1) | (gt_labels >= n_classes))
+        boxes, labels = targets.boxes, targets.labels
+        bad_box = ~(torch.isfinite(boxes).all(dim=1) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
+        bad_label = (labels < 1) | (labels >= n_classes)
         bad = torch.stack([bad_box.any(), bad_label.any()]).tolist()
         if bad[0]:
-            image, box = (int(v) for v in bad_box.nonzero()[0])
+            row = int(bad_box.nonzero()[0])
             raise TargetError(
-                f"boxes[{image}][{box}] = {gt_boxes[image, box].tolist()} is not a finite box with "
+                f"boxes{_position(targets, row)} = {boxes[row].tolist()} is not a finite box with "
                 "x_max > x_min and y_max > y_min"
             )
         if bad[1]:
-            image, box = (int(v) for v in bad_label.nonzero()[0])
+            row = int(bad_label.nonzero()[0])
             raise TargetError(
-                f"labels[{image}][{box}] = {int(gt_labels[image, box])} is outside 1..{n_classes - 1} "
+                f"labels{_position(targets, row)} = {int(labels[row])} is outside 1..{n_classes - 1} "
                 f"(0 is background, the model has {n_classes} classes)"
             )
 
@@ -269,14 +281,12 @@ class MultiBoxLoss(nn.Module):
         n_classes = scores.shape[2]
         priors = self.priors_cxcywh.to(locs.device)  # no-op once the loss module sits on that device
 
-        gt_boxes, gt_labels, valid = pad_targets(boxes, labels)
-        gt_boxes = gt_boxes.to(locs.device, torch.float32)
-        gt_labels, valid = gt_labels.to(locs.device), valid.to(locs.device)
-        self._check_targets(gt_boxes, gt_labels, valid, n_classes)
+        targets = flatten_targets(boxes, labels).to(locs.device, torch.float32)
+        self._check_targets(targets, n_classes)
         if self.matching == "atss":
-            matches = match_priors_atss(gt_boxes, gt_labels, valid, priors, self.atss_candidates)
+            matches = match_priors_atss(targets, priors, self.atss_candidates)
         else:
-            matches = match_priors(gt_boxes, gt_labels, valid, priors, self.threshold)
+            matches = match_priors(targets, priors, self.threshold)
         positive = matches.positive
         n_pos = positive.sum()
         normalizer = n_pos.clamp(min=1).float()
@@ -284,7 +294,7 @@ class MultiBoxLoss(nn.Module):
         # Only positives have a localization target: encode just their matched boxes (a few hundred),
         # not a target for every prior.
         image_idx, prior_idx = positive.nonzero(as_tuple=True)
-        matched = gt_boxes[image_idx, matches.gt_index[image_idx, prior_idx]]
+        matched = targets.boxes[matches.gt_index[image_idx, prior_idx]]
         target_locs = encode_boxes(matched, priors[prior_idx], self.variances)
         loc_sum = F.smooth_l1_loss(locs[image_idx, prior_idx], target_locs, beta=1.0, reduction="sum")
         loc_loss = loc_sum / normalizer

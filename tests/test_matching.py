@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from utils.boxes import xyxy_to_cxcywh
-from utils.matching import TargetError, match_priors, match_priors_atss, pad_targets
+from utils.matching import TargetError, flatten_targets, match_priors, match_priors_atss
 
 # Three priors: top-left quarter, bottom-right quarter, whole image.
 PRIORS_XYXY = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
@@ -14,15 +14,20 @@ PRIORS = xyxy_to_cxcywh(PRIORS_XYXY)
 
 
 def match(boxes, labels, threshold=0.5):
-    padded = pad_targets(boxes, labels)
-    return match_priors(*padded, PRIORS, threshold)
+    return match_priors(flatten_targets(boxes, labels), PRIORS, threshold)
 
 
-def test_pad_targets_layout():
+def test_flatten_targets_layout():
     boxes = [torch.tensor([[0.1, 0.1, 0.2, 0.2], [0.3, 0.3, 0.4, 0.4]]), torch.zeros(0, 4),
              torch.tensor([[0.5, 0.5, 0.9, 0.9]])]
     labels = [torch.tensor([1, 2]), torch.zeros(0, dtype=torch.long), torch.tensor([3])]
-    padded, padded_labels, valid = pad_targets(boxes, labels)
+    targets = flatten_targets(boxes, labels)
+    assert torch.equal(targets.boxes, torch.cat(boxes))
+    assert targets.labels.tolist() == [1, 2, 3]
+    assert targets.image.tolist() == [0, 0, 2]
+    assert targets.first_row.tolist() == [0, 2, 2]
+    assert targets.counts == [2, 0, 1]
+    padded, padded_labels, valid = targets.padded()
     assert padded.shape == (3, 2, 4)
     assert padded_labels.tolist() == [[1, 2], [0, 0], [3, 0]]
     assert valid.tolist() == [[True, True], [False, False], [True, False]]
@@ -31,22 +36,24 @@ def test_pad_targets_layout():
     assert torch.count_nonzero(padded[1]) == 0
 
 
-def test_pad_targets_all_empty_keeps_one_slot():
+def test_all_empty_targets_pad_to_one_slot():
     empty_labels = [torch.zeros(0, dtype=torch.long)] * 2
-    padded, padded_labels, valid = pad_targets([torch.zeros(0, 4)] * 2, empty_labels)
+    targets = flatten_targets([torch.zeros(0, 4)] * 2, empty_labels)
+    assert targets.boxes.shape == (0, 4) and targets.counts == [0, 0]
+    padded, padded_labels, valid = targets.padded()
     assert padded.shape == (2, 1, 4) and padded_labels.shape == (2, 1)
     assert not valid.any()
 
 
-def test_pad_targets_errors_name_the_image():
+def test_flatten_targets_errors_name_the_image():
     with pytest.raises(TargetError, match=r"boxes\[1\]"):
-        pad_targets([torch.zeros(1, 4), torch.zeros(2, 3)], [torch.ones(1, dtype=torch.long)] * 2)
+        flatten_targets([torch.zeros(1, 4), torch.zeros(2, 3)], [torch.ones(1, dtype=torch.long)] * 2)
     with pytest.raises(TargetError, match=r"labels\[0\] must hold integers"):
-        pad_targets([torch.zeros(1, 4)], [torch.ones(1)])
+        flatten_targets([torch.zeros(1, 4)], [torch.ones(1)])
     with pytest.raises(TargetError, match=r"labels\[0\]"):
-        pad_targets([torch.zeros(2, 4)], [torch.ones(3, dtype=torch.long)])
+        flatten_targets([torch.zeros(2, 4)], [torch.ones(3, dtype=torch.long)])
     with pytest.raises(TargetError, match="2 box tensors but 1 label"):
-        pad_targets([torch.zeros(1, 4)] * 2, [torch.ones(1, dtype=torch.long)])
+        flatten_targets([torch.zeros(1, 4)] * 2, [torch.ones(1, dtype=torch.long)])
 
 
 def test_best_prior_below_threshold_is_still_positive():
@@ -127,11 +134,15 @@ def test_batched_equals_one_image_at_a_time():
         xy = torch.rand(n, 2, generator=g) * 0.6
         boxes.append(torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 0.4 + 0.02], 1))
         labels.append(torch.randint(1, 21, (n,), generator=g))
-    batched = match_priors(*pad_targets(boxes, labels), priors)
+    targets = flatten_targets(boxes, labels)
+    batched = match_priors(targets, priors)
     for i in range(len(boxes)):
-        single = match_priors(*pad_targets(boxes[i:i + 1], labels[i:i + 1]), priors)
+        single = match_priors(flatten_targets(boxes[i:i + 1], labels[i:i + 1]), priors)
         assert torch.equal(batched.labels[i], single.labels[0])
         assert torch.equal(batched.positive[i], single.positive[0])
+        # gt_index is a row of the flat targets: the image's own rows start at first_row
+        assert torch.equal(batched.gt_index[i], torch.where(single.positive[0], single.gt_index[0]
+                                                            + targets.first_row[i], 0))
     assert (batched.forced.sum(1) <= torch.tensor([len(b) for b in boxes])).all()
 
 
@@ -180,7 +191,7 @@ BOX_G = torch.tensor([[0.4, 0.4, 0.6, 0.6]])
 
 
 def atss(boxes, labels, priors=ATSS_PRIORS, n_candidates=6):
-    return match_priors_atss(*pad_targets(boxes, labels), priors, n_candidates)
+    return match_priors_atss(flatten_targets(boxes, labels), priors, n_candidates)
 
 
 def test_atss_threshold_is_mean_plus_std_of_the_candidates():
@@ -190,7 +201,7 @@ def test_atss_threshold_is_mean_plus_std_of_the_candidates():
     result = atss([BOX_G], [torch.tensor([2])])
     assert result.labels[0].tolist() == [2, 2, 0, 0, 0, 0, 0]
     assert result.forced[0].tolist() == [True] + [False] * 6
-    ssd = match_priors(*pad_targets([BOX_G], [torch.tensor([2])]), ATSS_PRIORS, 0.7)
+    ssd = match_priors(flatten_targets([BOX_G], [torch.tensor([2])]), ATSS_PRIORS, 0.7)
     assert ssd.labels[0].tolist() == [2, 0, 0, 0, 0, 0, 0]
     # With all 7 priors as candidates: mean 1.2 / 7 = 0.1714, std sqrt((2 * 0.4286**2 + 5 * 0.1714**2) / 6)
     # = 0.2928, threshold 0.4642: still P0 and P1.
@@ -250,10 +261,11 @@ def test_atss_batched_equals_per_box_reference():
             xy = torch.rand(n, 2, generator=g) * 0.8
             boxes.append(torch.cat([xy, (xy + torch.rand(n, 2, generator=g) * 0.6 + 0.02).clamp(max=1.0)], 1))
             labels.append(torch.randint(1, 21, (n,), generator=g))
-        result = match_priors_atss(*pad_targets(boxes, labels), priors, 36)
+        targets = flatten_targets(boxes, labels)
+        result = match_priors_atss(targets, priors, 36)
         for i in range(len(boxes)):
             positive, assigned = reference_atss_assign(boxes[i], priors, 36)
             assert torch.equal(result.positive[i], positive)
-            assert torch.equal(result.gt_index[i][positive], assigned[positive])
+            assert torch.equal(result.gt_index[i][positive], targets.first_row[i] + assigned[positive])
             expected_labels = torch.where(positive, labels[i][assigned] if len(labels[i]) else 0, 0)
             assert torch.equal(result.labels[i], expected_labels)

@@ -1,8 +1,9 @@
 """Assign ground-truth boxes to priors, for a whole batch at once.
 
-Ground truth arrives as one ``(n_i, 4)`` tensor per image; :func:`pad_targets` packs it into ``(N, M, 4)``
-with a validity mask so :func:`match_priors` can work on one ``(N, M, P)`` IoU tensor with no loop over
-images or boxes.
+Ground truth arrives as one ``(n_i, 4)`` tensor per image. :func:`flatten_targets` concatenates it into
+:class:`Targets`, flat rows tagged with their image, so :func:`match_priors` works on one ``(B, P)`` IoU
+tensor of the B real boxes with no loop over images or boxes; :meth:`Targets.padded` gives the
+``(N, M, 4)`` layout that :func:`match_priors_atss` reduces along.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from utils.boxes import cxcywh_to_xyxy, pairwise_iou
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MATCHING_RULES", "Matches", "TargetError", "match_priors", "match_priors_atss", "pad_targets"]
+__all__ = ["MATCHING_RULES", "Matches", "TargetError", "Targets", "flatten_targets", "match_priors",
+           "match_priors_atss"]
 
 # "iou": SSD's fixed IoU threshold (match_priors); "atss": adaptive per-box thresholds (match_priors_atss).
 MATCHING_RULES = ("iou", "atss")
@@ -28,13 +30,51 @@ class TargetError(ValueError):
     """Ground-truth boxes or labels with a wrong type, shape or length."""
 
 
+class Targets(NamedTuple):
+    """The ground truth of a batch as flat rows: the boxes of image 0, then those of image 1, and so on.
+
+    Attributes:
+        boxes: ``(B, 4)`` fractional xyxy boxes.
+        labels: ``(B,)`` long.
+        image: ``(B,)`` long, the image of each row.
+        first_row: ``(N,)`` long, the row of each image's first box (where it would be, for an image
+            without boxes).
+        counts: boxes per image, ``N`` ints.
+    """
+
+    boxes: Tensor
+    labels: Tensor
+    image: Tensor
+    first_row: Tensor
+    counts: list[int]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Targets:
+        """The same targets on ``device``, boxes in ``dtype``."""
+        return Targets(self.boxes.to(device, dtype), self.labels.to(device), self.image.to(device),
+                       self.first_row.to(device), self.counts)
+
+    def padded(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(boxes (N, M, 4), labels (N, M) long, valid (N, M) bool)`` with ``M = max(1, max n_i)``;
+        padded entries are zero boxes with label 0 and ``valid`` False."""
+        n_images, max_boxes = len(self.counts), max(1, max(self.counts))
+        device = self.boxes.device
+        boxes = self.boxes.new_zeros(n_images, max_boxes, 4)
+        labels = torch.zeros(n_images, max_boxes, device=device, dtype=torch.long)
+        valid = torch.zeros(n_images, max_boxes, device=device, dtype=torch.bool)
+        slot = torch.arange(self.boxes.shape[0], device=device) - self.first_row[self.image]
+        boxes[self.image, slot] = self.boxes
+        labels[self.image, slot] = self.labels
+        valid[self.image, slot] = True
+        return boxes, labels, valid
+
+
 class Matches(NamedTuple):
     """Result of :func:`match_priors` for a batch of ``N`` images and ``P`` priors.
 
     Attributes:
         labels: ``(N, P)`` long, the matched box's label for positive priors, 0 (background) elsewhere.
-        gt_index: ``(N, P)`` long, index of the matched box in the padded ground truth for positives (the
-            matched box of prior p in image n is ``gt_boxes_xyxy[n, gt_index[n, p]]``), 0 elsewhere.
+        gt_index: ``(N, P)`` long, the row of the matched box in :class:`Targets` for positives, 0
+            elsewhere: the matched box of prior p in image n is ``targets.boxes[gt_index[n, p]]``.
         iou: ``(N, P)`` the prior's best IoU with any real box of its image (-1 when it has none).
         forced: ``(N, P)`` bool, the prior was claimed as a box's best prior.
         positive: ``(N, P)`` bool, ``forced | (iou >= threshold)``.
@@ -47,24 +87,22 @@ class Matches(NamedTuple):
     positive: Tensor
 
 
-def pad_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Pack per-image ground truth into padded batch tensors.
+def flatten_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> Targets:
+    """Concatenate per-image ground truth into :class:`Targets`.
 
     Args:
         boxes: ``N`` tensors of shape ``(n_i, 4)`` (fractional xyxy); ``n_i`` may be 0.
-        labels: ``N`` tensors of shape ``(n_i,)`` (long).
+        labels: ``N`` tensors of shape ``(n_i,)`` (integers).
 
     Returns:
-        ``(boxes (N, M, 4), labels (N, M) long, valid (N, M) bool)`` with ``M = max(1, max n_i)`` so the
-        box dimension is never empty; padded entries are zero boxes with label 0 and ``valid`` False.
-        Tensors live on the device and dtype of the first box tensor.
+        :class:`Targets` on the device of the first box tensor, boxes in the dtype of the first.
     """
     if len(boxes) != len(labels):
         raise TargetError(
             f"got {len(boxes)} box tensors but {len(labels)} label tensors; need one of each per image"
         )
     if len(boxes) == 0:
-        raise TargetError("pad_targets needs at least one image")
+        raise TargetError("flatten_targets needs at least one image")
     for i, (b, lab) in enumerate(zip(boxes, labels, strict=True)):
         if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
             shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
@@ -78,27 +116,19 @@ def pad_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> tuple[Tens
             raise TargetError(f"labels[{i}] must hold integers, got dtype {lab.dtype}")
 
     device, dtype = boxes[0].device, boxes[0].dtype
-    counts_list = [int(b.shape[0]) for b in boxes]
-    n_images, max_boxes = len(boxes), max(1, max(counts_list))
-    padded_boxes = torch.zeros(n_images, max_boxes, 4, device=device, dtype=dtype)
-    padded_labels = torch.zeros(n_images, max_boxes, device=device, dtype=torch.long)
-    valid = torch.zeros(n_images, max_boxes, device=device, dtype=torch.bool)
-    if sum(counts_list) == 0:
-        return padded_boxes, padded_labels, valid
-
-    # One scatter for the whole batch: row = image index, column = position of the box in its image.
-    counts = torch.tensor(counts_list, device=device)
-    image_index = torch.repeat_interleave(torch.arange(n_images, device=device), counts)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(image_index.numel(), device=device) - starts[image_index]
-    padded_boxes[image_index, slot] = torch.cat([b.to(device, dtype) for b in boxes])
-    padded_labels[image_index, slot] = torch.cat([lab.to(device) for lab in labels]).long()
-    valid[image_index, slot] = True
-    return padded_boxes, padded_labels, valid
+    try:
+        flat_boxes = torch.cat(list(boxes)).to(dtype)
+        flat_labels = torch.cat(list(labels)).long()
+    except RuntimeError as error:  # tensors on different devices
+        raise TargetError(f"the boxes and labels of a batch must all be on one device: {error}") from error
+    counts = [int(b.shape[0]) for b in boxes]
+    counts_tensor = torch.tensor(counts, device=device)
+    first_row = torch.cumsum(counts_tensor, 0) - counts_tensor
+    image = torch.repeat_interleave(torch.arange(len(boxes), device=device), counts_tensor)
+    return Targets(flat_boxes, flat_labels.to(device), image, first_row, counts)
 
 
-def match_priors(gt_boxes_xyxy: Tensor, gt_labels: Tensor, valid: Tensor, priors_cxcywh: Tensor,
-                 threshold: float = 0.5) -> Matches:
+def match_priors(targets: Targets, priors_cxcywh: Tensor, threshold: float = 0.5) -> Matches:
     """Match every prior of every image to a ground-truth box or to background.
 
     Rules, applied to the whole batch at once:
@@ -112,57 +142,58 @@ def match_priors(gt_boxes_xyxy: Tensor, gt_labels: Tensor, valid: Tensor, priors
        background (label 0). Equal IoUs go to the box that comes first.
 
     Args:
-        gt_boxes_xyxy: ``(N, M, 4)`` padded fractional boxes (see :func:`pad_targets`).
-        gt_labels: ``(N, M)`` long labels in 1..C-1.
-        valid: ``(N, M)`` bool, False for padding.
+        targets: the batch's ground truth (see :func:`flatten_targets`), labels in 1..C-1.
         priors_cxcywh: ``(P, 4)``.
         threshold: IoU from which a prior is positive.
 
     Returns:
         :class:`Matches`.
     """
-    n_images, max_boxes, _ = gt_boxes_xyxy.shape
-    n_priors = priors_cxcywh.shape[0]
+    n_images, n_priors = len(targets.counts), priors_cxcywh.shape[0]
+    n_boxes = targets.boxes.shape[0]
+    device = targets.boxes.device
+    if n_boxes == 0:
+        background = torch.zeros(n_images, n_priors, device=device, dtype=torch.long)
+        no_match = background.bool()
+        return Matches(background, background, torch.full_like(background, -1.0, dtype=torch.float32),
+                       no_match, no_match)
 
-    # Work on the real boxes only, as flat (B, P) rows tagged with their image and slot, with per-image
-    # reductions as scatter_reduce calls: no (N, M, P) tensor, so the cost follows the real box count
-    # rather than the padding (a few crowded images would otherwise inflate M for the whole batch).
-    box_image, box_slot = valid.nonzero(as_tuple=True)  # (B,), row-major: same order as [valid]
-    iou = pairwise_iou(gt_boxes_xyxy[valid], cxcywh_to_xyxy(priors_cxcywh))  # (B, P)
-    rows = box_image[:, None].expand_as(iou)
-
+    # One (B, P) row per real box; the per-image reductions are scatter_reduce calls over the rows'
+    # images, so the cost follows the real box count, not the most crowded image.
+    iou = pairwise_iou(targets.boxes, cxcywh_to_xyxy(priors_cxcywh))  # (B, P)
     # Best IoU of each prior over its image's boxes (-1 in images without boxes).
-    prior_iou = iou.new_full((n_images, n_priors), -1.0).scatter_reduce_(0, rows, iou, reduce="amax")
+    prior_iou = iou.new_full((n_images, n_priors), -1.0)
+    prior_iou = prior_iou.scatter_reduce_(0, targets.image[:, None].expand_as(iou), iou, reduce="amax")
 
     # Claims: every box claims its best prior (first index on ties). Per claimed prior the highest claim
-    # IoU wins, then the lowest slot among the claimants reaching it.
+    # IoU wins, then the first row (the first box of the image) among the claimants reaching it. Rows
+    # travel as floats (exact below 2**24) because float scatter_reduce is ~20x faster on CPU.
     claim_iou, claim_prior = iou.max(dim=1)  # (B,)
-    slot = box_slot.to(iou.dtype)  # floats (exact below 2**24): float scatter_reduce is ~20x faster on CPU
-    flat_prior = box_image * n_priors + claim_prior
+    flat_prior = targets.image * n_priors + claim_prior
     best_claim = iou.new_full((n_images * n_priors,), -1.0).scatter_reduce_(0, flat_prior, claim_iou, "amax")
-    slot_if_winner = torch.where(claim_iou == best_claim[flat_prior], slot, float(max_boxes))
-    winner = iou.new_full((n_images * n_priors,), float(max_boxes))
-    winner = winner.scatter_reduce_(0, flat_prior, slot_if_winner, reduce="amin").view(n_images, n_priors)
-    forced = winner < max_boxes
+    row = torch.arange(n_boxes, device=device, dtype=iou.dtype)
+    row_if_winner = torch.where(claim_iou == best_claim[flat_prior], row, float(n_boxes))
+    winner = iou.new_full((n_images * n_priors,), float(n_boxes))
+    winner = winner.scatter_reduce_(0, flat_prior, row_if_winner, reduce="amin").view(n_images, n_priors)
+    forced = winner < n_boxes
     positive = forced | (prior_iou >= threshold)
 
-    # Which box a prior above the threshold takes: the first slot reaching its best IoU. Only those priors
-    # (a few percent) need it, so the search runs over their (prior, slot) pairs instead of all B x P.
+    # Which box a prior above the threshold takes: the first of its image's boxes reaching its best IoU.
+    # Only those priors (a few percent) need it, so the search runs over their (prior, box) pairs instead
+    # of all B x P.
     image_idx, prior_idx = (positive & ~forced).nonzero(as_tuple=True)
-    boxes_per_image = valid.sum(dim=1)
-    first_row = torch.cumsum(boxes_per_image, 0) - boxes_per_image  # flat row of each image's slot 0
-    slots = torch.arange(max_boxes, device=iou.device)
-    pair_row = (first_row[image_idx, None] + slots).clamp_(max=iou.shape[0] - 1)  # (K, M)
-    pair_iou = iou[pair_row, prior_idx[:, None]].masked_fill_(~valid[image_idx], -1.0)
+    slots = torch.arange(max(targets.counts), device=device)
+    pair_row = (targets.first_row[image_idx, None] + slots).clamp_(max=n_boxes - 1)  # (K, max n_i)
+    counts = targets.first_row.new_tensor(targets.counts)
+    pair_iou = iou[pair_row, prior_idx[:, None]].masked_fill_(slots >= counts[image_idx, None], -1.0)
     gt_index = torch.where(forced, winner.long(), 0)
-    gt_index[image_idx, prior_idx] = pair_iou.argmax(dim=1)  # first slot on equal IoU
+    gt_index[image_idx, prior_idx] = targets.first_row[image_idx] + pair_iou.argmax(dim=1)  # first on ties
 
-    labels = torch.where(positive, gt_labels.gather(1, gt_index), torch.zeros_like(gt_index))
+    labels = torch.where(positive, targets.labels[gt_index], 0)
     return Matches(labels=labels, gt_index=gt_index, iou=prior_iou, forced=forced, positive=positive)
 
 
-def match_priors_atss(gt_boxes_xyxy: Tensor, gt_labels: Tensor, valid: Tensor, priors_cxcywh: Tensor,
-                      n_candidates: int = 36) -> Matches:
+def match_priors_atss(targets: Targets, priors_cxcywh: Tensor, n_candidates: int = 36) -> Matches:
     """Match priors to boxes with ATSS's adaptive IoU threshold (Zhang et al., CVPR 2020), for a whole batch.
 
     A fixed IoU threshold suits boxes of the priors' shapes and leaves the others with their single best
@@ -180,9 +211,7 @@ def match_priors_atss(gt_boxes_xyxy: Tensor, gt_labels: Tensor, valid: Tensor, p
        other prior is background.
 
     Args:
-        gt_boxes_xyxy: ``(N, M, 4)`` padded fractional boxes (see :func:`pad_targets`).
-        gt_labels: ``(N, M)`` long labels in 1..C-1.
-        valid: ``(N, M)`` bool, False for padding.
+        targets: the batch's ground truth (see :func:`flatten_targets`), labels in 1..C-1.
         priors_cxcywh: ``(P, 4)``.
         n_candidates: candidates per box (at most P).
 
@@ -190,12 +219,13 @@ def match_priors_atss(gt_boxes_xyxy: Tensor, gt_labels: Tensor, valid: Tensor, p
         :class:`Matches`; ``iou`` is each prior's best IoU with any real box and ``forced`` marks the boxes'
         best priors, as for :func:`match_priors`.
     """
-    n_images, max_boxes, _ = gt_boxes_xyxy.shape
     n_priors = priors_cxcywh.shape[0]
     if not 2 <= n_candidates <= n_priors:
         raise ValueError(f"n_candidates must be in [2, {n_priors}], got {n_candidates}")
     # A padded (N, M, P) layout: the per-box statistics (nearest candidates, mean and std of their IoUs)
     # are reductions along P, and M stays small in detection batches.
+    gt_boxes_xyxy, gt_labels, valid = targets.padded()
+    n_images, max_boxes, _ = gt_boxes_xyxy.shape
     iou = pairwise_iou(gt_boxes_xyxy.reshape(-1, 4), cxcywh_to_xyxy(priors_cxcywh))
     iou = iou.view(n_images, max_boxes, n_priors)
     iou = iou.masked_fill(~valid[..., None], -1.0)
@@ -227,7 +257,7 @@ def match_priors_atss(gt_boxes_xyxy: Tensor, gt_labels: Tensor, valid: Tensor, p
     labels = torch.where(positive, gt_labels.gather(1, gt_index), torch.zeros_like(gt_index))
     return Matches(
         labels=labels,
-        gt_index=gt_index,
+        gt_index=torch.where(positive, targets.first_row[:, None] + gt_index, 0),  # slot -> row
         iou=iou.max(dim=1).values,
         forced=forced_claims.any(dim=1),
         positive=positive,
