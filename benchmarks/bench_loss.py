@@ -82,11 +82,18 @@ def bench_loss(args: argparse.Namespace) -> None:
           f"| {slow / fast:5.1f}x (target >= 10x)")
 
     # Training runs the backward pass too; the reference builds a graph of many small per-image ops.
+    # Gradients start from None each time, as after train.py's zero_grad, rather than being added to
+    # the previous call's.
     locs.requires_grad_(True)
     scores.requires_grad_(True)
+
+    def backward(loss: torch.Tensor) -> None:
+        locs.grad = scores.grad = None
+        loss.backward()
+
     fast, slow = interleaved_medians(
-        lambda: loss_fn(locs, scores, boxes, labels).total.backward(),
-        lambda: reference_multibox_loss(locs, scores, boxes, labels, priors)[0].backward(),
+        lambda: backward(loss_fn(locs, scores, boxes, labels).total),
+        lambda: backward(reference_multibox_loss(locs, scores, boxes, labels, priors)[0]),
         args.repeats,
     )
     print(f"  forward+backward  vectorized {fast * 1e3:8.2f} ms | per-image reference {slow * 1e3:8.2f} ms "
