@@ -100,8 +100,8 @@ def hard_negative_mask(neg_loss: Tensor, positive: Tensor, neg_pos_ratio: float,
     ranked = neg_loss.detach().masked_fill(excluded, -math.inf)
     n_placeholders = k_max - n_neg  # (N, 1)
     placeholders = torch.arange(k_max, device=ranked.device) < n_placeholders  # (N, k_max) bool
-    extended = torch.cat([ranked, torch.full_like(placeholders, -math.inf, dtype=ranked.dtype)
-                          .masked_fill_(placeholders, math.inf)], dim=1)
+    padding = ranked.new_full((n_images, k_max), -math.inf).masked_fill_(placeholders, math.inf)
+    extended = torch.cat([ranked, padding], dim=1)
     chosen = extended.topk(k_max, dim=1, sorted=False).indices  # (N, k_max), indices >= P are placeholders
     mask = torch.zeros(n_images, n_priors + k_max, dtype=torch.bool, device=positive.device)
     return mask.scatter_(1, chosen, True)[:, :n_priors]
