@@ -54,6 +54,9 @@ def test_flatten_targets_errors_name_the_image():
         flatten_targets([torch.zeros(2, 4)], [torch.ones(3, dtype=torch.long)])
     with pytest.raises(TargetError, match="2 box tensors but 1 label"):
         flatten_targets([torch.zeros(1, 4)] * 2, [torch.ones(1, dtype=torch.long)])
+    # tensors on two devices ("meta" stands in for a GPU) are named as such, not left to torch.cat's error
+    with pytest.raises(TargetError, match="must all be on one device"):
+        flatten_targets([torch.zeros(1, 4), torch.zeros(1, 4, device="meta")], [torch.ones(1, dtype=torch.long)] * 2)
 
 
 def test_best_prior_below_threshold_is_still_positive():
