@@ -2,8 +2,8 @@
 
 Classification is either softmax cross-entropy with hard-negative mining (the SSD recipe) or a focal
 loss (RetinaNet), sigmoid or softmax. Everything is vectorized over the batch, with no Python loop over
-images, boxes or priors; host syncs are limited to the target check, the data-dependent sizes (positives,
-mined negatives) and the positive count returned for logging.
+images, boxes or priors; host syncs are limited to the target check and the data-dependent sizes (positives,
+mined negatives).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from torchvision.ops import sigmoid_focal_loss
 from utils.boxes import encode_boxes
 from utils.matching import (
     MATCHING_RULES,
+    Matches,
+    PriorBoxes,
     TargetError,
     Targets,
     flatten_targets,
@@ -203,6 +205,9 @@ class MultiBoxLoss(nn.Module):
             raise LossInputError(f"variances must be two positive numbers, got {variances!r}")
         # Not persistent: priors derive from the config, so they stay out of checkpoints.
         self.register_buffer("priors_cxcywh", priors_cxcywh.detach().float().clone(), persistent=False)
+        # What matching derives from the priors, computed once (see _priors_on).
+        self._prior_boxes_source = self.priors_cxcywh
+        self._prior_boxes = PriorBoxes(self.priors_cxcywh)
         self.threshold = float(threshold)
         self.neg_pos_ratio = float(neg_pos_ratio)
         self.alpha = float(alpha)
@@ -239,6 +244,13 @@ class MultiBoxLoss(nn.Module):
             raise LossInputError(
                 f"got {len(boxes)} box tensors for a batch of {predicted_locs.shape[0]} images"
             )
+
+    def _priors_on(self, device: torch.device) -> PriorBoxes:
+        # Rebuilt only when the module moved (.to() replaces the buffer) or the inputs sit elsewhere.
+        if self._prior_boxes_source is not self.priors_cxcywh or self._prior_boxes.cxcywh.device != device:
+            self._prior_boxes_source = self.priors_cxcywh
+            self._prior_boxes = PriorBoxes(self.priors_cxcywh.to(device))
+        return self._prior_boxes
 
     def _check_targets(self, targets: Targets, n_classes: int) -> None:
         # One host sync for all checks; bad targets would otherwise surface later as NaN or a CUDA assert.
@@ -279,7 +291,7 @@ class MultiBoxLoss(nn.Module):
         locs = predicted_locs.float()
         scores = predicted_scores.float()
         n_classes = scores.shape[2]
-        priors = self.priors_cxcywh.to(locs.device)  # no-op once the loss module sits on that device
+        priors = self._priors_on(locs.device)
 
         targets = flatten_targets(boxes, labels).to(locs.device, torch.float32)
         self._check_targets(targets, n_classes)
@@ -288,22 +300,23 @@ class MultiBoxLoss(nn.Module):
         else:
             matches = match_priors(targets, priors, self.threshold)
         positive = matches.positive
-        n_pos = positive.sum()
-        normalizer = n_pos.clamp(min=1).float()
+        n_pos = matches.positive_index.shape[0]
+        normalizer = float(max(n_pos, 1))
 
         # Only positives have a localization target: encode just their matched boxes (a few hundred),
         # not a target for every prior.
-        image_idx, prior_idx = positive.nonzero(as_tuple=True)
-        matched = targets.boxes[matches.gt_index[image_idx, prior_idx]]
-        target_locs = encode_boxes(matched, priors[prior_idx], self.variances)
-        loc_sum = F.smooth_l1_loss(locs[image_idx, prior_idx], target_locs, beta=1.0, reduction="sum")
+        matched = targets.boxes[matches.positive_row]
+        prior_idx = matches.positive_index % len(priors)
+        target_locs = encode_boxes(matched, priors.cxcywh[prior_idx], self.variances)
+        predicted = locs.reshape(-1, 4).index_select(0, matches.positive_index)
+        loc_sum = F.smooth_l1_loss(predicted, target_locs, beta=1.0, reduction="sum")
         loc_loss = loc_sum / normalizer
 
         ignored = None
         if self.ignore_threshold is not None:
             ignored = ~positive & (matches.iou >= self.ignore_threshold)
         if self.classification == "hard_negative":
-            conf_loss = self._hard_negative_loss(scores, matches.labels, positive, ignored) / normalizer
+            conf_loss = self._hard_negative_loss(scores, matches, ignored) / normalizer
         else:
             if self.classification == "focal_sigmoid":
                 per_prior = self._sigmoid_focal(scores, matches.labels)
@@ -312,12 +325,12 @@ class MultiBoxLoss(nn.Module):
             conf_loss = (per_prior * ~ignored).sum() / normalizer
 
         total = conf_loss + self.alpha * loc_loss
-        return LossOutput(total=total, localization=loc_loss, confidence=conf_loss, n_positives=int(n_pos))
+        return LossOutput(total=total, localization=loc_loss, confidence=conf_loss, n_positives=n_pos)
 
-    def _hard_negative_loss(self, scores: Tensor, target: Tensor, positive: Tensor,
-                            ignored: Tensor | None) -> Tensor:
+    def _hard_negative_loss(self, scores: Tensor, matches: Matches, ignored: Tensor | None) -> Tensor:
         # One log-softmax over all priors, without autograd, gives every prior's cross-entropy: the
         # negatives' (target 0) rank them, and the positives' and chosen negatives' are summed.
+        target, positive = matches.labels, matches.positive
         with torch.no_grad():
             log_probs = F.log_softmax(scores, dim=-1)
             cross_entropy = -log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (N, P)

@@ -257,6 +257,20 @@ def test_gradients_finite_with_empty_images(classification):
         assert scores.grad[1].abs().sum() == 0
 
 
+def test_new_priors_buffer_is_used():
+    # The loss caches what matching derives from its priors; a replaced buffer (as Module.to() does)
+    # must not leave the old priors in use.
+    g = torch.Generator().manual_seed(6)
+    locs, scores, boxes, labels = random_batch(2, 5, 21, g, min_boxes=1)
+    grid, other = create_prior_boxes(), create_prior_boxes(7, (0.3, 0.5, 0.7))
+    loss_fn = MultiBoxLoss(grid)
+    loss_fn(locs, scores, boxes, labels)
+    loss_fn.priors_cxcywh = other
+    moved = loss_fn(locs, scores, boxes, labels)
+    fresh = MultiBoxLoss(other)(locs, scores, boxes, labels)
+    assert torch.equal(moved.total, fresh.total) and moved.n_positives == fresh.n_positives
+
+
 def test_bf16_inputs_give_float32_loss():
     g = torch.Generator().manual_seed(2)
     locs, scores, boxes, labels = random_batch(2, 5, 21, g, min_boxes=1)

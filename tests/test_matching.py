@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from utils.boxes import xyxy_to_cxcywh
-from utils.matching import TargetError, flatten_targets, match_priors, match_priors_atss
+from model.priors import create_prior_boxes
+from utils.boxes import cxcywh_to_xyxy, pairwise_iou, xyxy_to_cxcywh
+from utils.matching import PriorBoxes, TargetError, flatten_targets, match_priors, match_priors_atss
 
 # Three priors: top-left quarter, bottom-right quarter, whole image.
 PRIORS_XYXY = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
@@ -59,13 +60,82 @@ def test_flatten_targets_errors_name_the_image():
         flatten_targets([torch.zeros(1, 4), torch.zeros(1, 4, device="meta")], [torch.ones(1, dtype=torch.long)] * 2)
 
 
+def random_boxes(n, generator, spread=1.0):
+    xy = torch.rand(n, 2, generator=generator) * spread - (spread - 1) / 2
+    return torch.cat([xy, xy + torch.rand(n, 2, generator=generator) * 0.7 + 1e-3], 1)
+
+
+@pytest.mark.parametrize(("grid_size", "scales", "aspect_ratios"), [
+    (7, (0.2, 0.4, 0.6), (1.0, 2.0, 0.5)), (1, (0.5,), (1.0,)), (4, (0.1, 1.5), (1.0, 3.0, 0.25)), (10, (0.3,), (2.0,)),
+])
+def test_grid_priors_give_the_iou_of_the_general_formula(grid_size, scales, aspect_ratios):
+    # The separable IoU must equal the general one exactly (matching compares IoUs for equality), for
+    # boxes inside the image, past its edges, and boxes that cover whole rows of priors (equal overlaps).
+    g = torch.Generator().manual_seed(grid_size)
+    priors = PriorBoxes(create_prior_boxes(grid_size, scales, aspect_ratios))
+    assert priors.grid is not None and priors.grid[:2] == (grid_size, len(scales) * len(aspect_ratios))
+    boxes = torch.cat([random_boxes(200, g), random_boxes(100, g, spread=1.6),
+                       torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.3, 1.0, 0.6], [2.0, 2.0, 3.0, 3.0]])])
+    expected = pairwise_iou(boxes, cxcywh_to_xyxy(priors.cxcywh))
+    assert torch.equal(priors.iou(boxes), expected)
+    assert priors.iou(torch.zeros(0, 4)).shape == (0, len(priors))
+
+
+def test_priors_off_a_grid_use_the_general_formula():
+    g = torch.Generator().manual_seed(0)
+    grid = create_prior_boxes()
+    shuffled = grid[torch.randperm(len(grid), generator=g)]
+    moved = grid.clone()
+    moved[100, 0] += 0.01  # one prior off its column
+    for priors_cxcywh in (shuffled, moved, PRIORS, grid[:-1]):
+        priors = PriorBoxes(priors_cxcywh)
+        assert priors.grid is None
+        boxes = random_boxes(50, g)
+        assert torch.equal(priors.iou(boxes), pairwise_iou(boxes, cxcywh_to_xyxy(priors_cxcywh)))
+    # matching is the same through either formula
+    boxes = [random_boxes(n, g) for n in (5, 3, 12)]
+    labels = [torch.randint(1, 21, (len(b),), generator=g) for b in boxes]
+    general = PriorBoxes(grid)
+    general.grid = None
+    on_grid = match_priors(flatten_targets(boxes, labels), PriorBoxes(grid))
+    off_grid = match_priors(flatten_targets(boxes, labels), general)
+    for field, value in on_grid._asdict().items():
+        assert torch.equal(value, getattr(off_grid, field)), field
+
+
+def test_positive_index_and_rows_describe_the_dense_matches():
+    g = torch.Generator().manual_seed(1)
+    boxes = [random_boxes(n, g) for n in (4, 0, 9, 1)]
+    labels = [torch.randint(1, 21, (len(b),), generator=g) for b in boxes]
+    targets = flatten_targets(boxes, labels)
+    m = match_priors(targets, create_prior_boxes())
+    assert torch.equal(m.positive_index, m.positive.view(-1).nonzero().squeeze(1))
+    assert torch.equal(m.labels.view(-1)[m.positive_index], targets.labels[m.positive_row])
+    image = m.positive_index // m.positive.shape[1]
+    assert torch.equal(targets.image[m.positive_row], image)  # every positive takes a box of its own image
+    assert m.gt_index()[~m.positive].eq(0).all()
+
+
+def test_matched_box_is_searched_within_its_own_image():
+    # Image 0 has one box and image 1 three copies of it: every prior has the same best IoU in both
+    # images, and image 0's rows searched past its single box run into image 1's. Each positive must
+    # still take a box of its own image, the first one in image 1.
+    box = torch.tensor([[0.1, 0.1, 0.7, 0.8]])
+    boxes, labels = [box, box.repeat(3, 1)], [torch.tensor([1]), torch.tensor([2, 3, 4])]
+    m = match_priors(flatten_targets(boxes, labels), create_prior_boxes())
+    assert torch.equal(m.positive[0], m.positive[1]) and m.positive[0].sum() > 1
+    assert set(m.labels[0][m.positive[0]].tolist()) == {1}
+    assert set(m.labels[1][m.positive[1]].tolist()) == {2}
+    assert set(m.positive_row.tolist()) == {0, 1}
+
+
 def test_best_prior_below_threshold_is_still_positive():
     # IoU with prior 0 = 0.04 / 0.25 = 0.16, with prior 2 = 0.04, with prior 1 = 0: all < 0.5.
     m = match([torch.tensor([[0.0, 0.0, 0.2, 0.2]])], [torch.tensor([7])])
     assert m.labels.tolist() == [[7, 0, 0]]
     assert m.forced.tolist() == [[True, False, False]]
     assert torch.allclose(m.iou, torch.tensor([[0.16, 0.0, 0.04]]))
-    assert m.gt_index[0, 0] == 0
+    assert m.gt_index()[0, 0] == 0
 
 
 def test_threshold_match_besides_forced():
@@ -84,7 +154,7 @@ def test_two_boxes_compete_for_one_prior():
     boxes = [torch.tensor([[0.0, 0.0, 0.4, 0.5], [0.0, 0.0, 0.5, 0.5]])]
     m = match(boxes, [torch.tensor([4, 9])])
     assert m.labels.tolist() == [[9, 0, 0]]
-    assert m.gt_index[0, 0] == 1
+    assert m.gt_index()[0, 0] == 1
     assert m.forced.tolist() == [[True, False, False]]
 
 
@@ -108,7 +178,7 @@ def test_competition_decided_by_iou_not_by_order():
     c = [0.0, 0.0, 1.0, 0.9]
     m = match([torch.tensor([a, c])], [torch.tensor([1, 2])])
     assert m.labels.tolist() == [[0, 0, 2]]
-    assert m.gt_index[0, 2] == 1
+    assert m.gt_index()[0, 2] == 1
     assert torch.allclose(m.iou[0, 2], torch.tensor(0.9))
 
 
@@ -129,8 +199,6 @@ def test_batch_of_only_empty_images():
 
 def test_batched_equals_one_image_at_a_time():
     g = torch.Generator().manual_seed(0)
-    from model.priors import create_prior_boxes
-
     priors = create_prior_boxes()
     boxes, labels = [], []
     for n in (0, 3, 10, 1):
@@ -144,7 +212,7 @@ def test_batched_equals_one_image_at_a_time():
         assert torch.equal(batched.labels[i], single.labels[0])
         assert torch.equal(batched.positive[i], single.positive[0])
         # gt_index is a row of the flat targets: the image's own rows start at first_row
-        assert torch.equal(batched.gt_index[i], torch.where(single.positive[0], single.gt_index[0]
+        assert torch.equal(batched.gt_index()[i], torch.where(single.positive[0], single.gt_index()[0]
                                                             + targets.first_row[i], 0))
     assert (batched.forced.sum(1) <= torch.tensor([len(b) for b in boxes])).all()
 
@@ -238,7 +306,7 @@ def test_atss_contested_prior_goes_to_the_box_it_overlaps_most():
     h = torch.tensor([[0.45, 0.4, 0.65, 0.6]])
     result = atss([torch.cat([BOX_G, h])], [torch.tensor([1, 3])])
     assert result.labels[0, :2].tolist() == [1, 3]
-    assert result.gt_index[0, :2].tolist() == [0, 1]
+    assert result.gt_index()[0, :2].tolist() == [0, 1]
 
 
 def test_atss_empty_images_and_padding():
@@ -253,7 +321,6 @@ def test_atss_empty_images_and_padding():
 
 
 def test_atss_batched_equals_per_box_reference():
-    from model.priors import create_prior_boxes
 
     g = torch.Generator().manual_seed(0)
     priors = create_prior_boxes()
@@ -269,6 +336,6 @@ def test_atss_batched_equals_per_box_reference():
         for i in range(len(boxes)):
             positive, assigned = reference_atss_assign(boxes[i], priors, 36)
             assert torch.equal(result.positive[i], positive)
-            assert torch.equal(result.gt_index[i][positive], targets.first_row[i] + assigned[positive])
+            assert torch.equal(result.gt_index()[i][positive], targets.first_row[i] + assigned[positive])
             expected_labels = torch.where(positive, labels[i][assigned] if len(labels[i]) else 0, 0)
             assert torch.equal(result.labels[i], expected_labels)

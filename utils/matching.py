@@ -3,12 +3,14 @@
 Ground truth arrives as one ``(n_i, 4)`` tensor per image. :func:`flatten_targets` concatenates it into
 :class:`Targets`, flat rows tagged with their image, so :func:`match_priors` works on one ``(B, P)`` IoU
 tensor of the B real boxes with no loop over images or boxes; :meth:`Targets.padded` gives the
-``(N, M, 4)`` layout that :func:`match_priors_atss` reduces along.
+``(N, M, 4)`` layout that :func:`match_priors_atss` reduces along. :class:`PriorBoxes` holds what both
+derive from the priors, so that a training loop computes it once.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -19,7 +21,7 @@ from utils.boxes import cxcywh_to_xyxy, pairwise_iou
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MATCHING_RULES", "Matches", "TargetError", "Targets", "flatten_targets", "match_priors",
+__all__ = ["MATCHING_RULES", "Matches", "PriorBoxes", "TargetError", "Targets", "flatten_targets", "match_priors",
            "match_priors_atss"]
 
 # "iou": SSD's fixed IoU threshold (match_priors); "atss": adaptive per-box thresholds (match_priors_atss).
@@ -39,19 +41,21 @@ class Targets(NamedTuple):
         image: ``(B,)`` long, the image of each row.
         first_row: ``(N,)`` long, the row of each image's first box (where it would be, for an image
             without boxes).
-        counts: boxes per image, ``N`` ints.
+        count: ``(N,)`` long, boxes per image.
+        counts: the same counts as ``N`` ints.
     """
 
     boxes: Tensor
     labels: Tensor
     image: Tensor
     first_row: Tensor
+    count: Tensor
     counts: list[int]
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Targets:
         """The same targets on ``device``, boxes in ``dtype``."""
         return Targets(self.boxes.to(device, dtype), self.labels.to(device), self.image.to(device),
-                       self.first_row.to(device), self.counts)
+                       self.first_row.to(device), self.count.to(device), self.counts)
 
     def padded(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(boxes (N, M, 4), labels (N, M) long, valid (N, M) bool)`` with ``M = max(1, max n_i)``;
@@ -68,23 +72,97 @@ class Targets(NamedTuple):
         return boxes, labels, valid
 
 
+class PriorBoxes:
+    """Priors with what matching derives from them, computed once instead of on every batch.
+
+    Priors laid out as a square grid of identical cells (those of :func:`model.priors.create_prior_boxes`:
+    cell row-major, the same ``S`` shapes in every cell) overlap a box separably: a prior's x-interval
+    depends only on its column and shape, its y-interval only on its row and shape. The intersections
+    with a box are then the product of ``G x S`` x-overlaps and ``G x S`` y-overlaps, one multiplication
+    per (box, prior) pair where the general formula takes nine passes over the ``(B, P)`` pairs. Other
+    layouts fall back to :func:`utils.boxes.pairwise_iou`; both give the same values.
+
+    Args:
+        priors_cxcywh: ``(P, 4)`` fractional priors.
+    """
+
+    def __init__(self, priors_cxcywh: Tensor) -> None:
+        self.cxcywh = priors_cxcywh
+        self.xyxy = cxcywh_to_xyxy(priors_cxcywh)
+        self.area = (self.xyxy[:, 2] - self.xyxy[:, 0]) * (self.xyxy[:, 3] - self.xyxy[:, 1])
+        self.grid = _square_grid(priors_cxcywh, self.xyxy)  # (G, S, lo, hi) or None
+
+    def __len__(self) -> int:
+        return self.cxcywh.shape[0]
+
+    def to(self, device: torch.device | str) -> PriorBoxes:
+        """The same priors on ``device`` (``self`` when they are there already)."""
+        if self.cxcywh.device == torch.device(device):
+            return self
+        return PriorBoxes(self.cxcywh.to(device))
+
+    def iou(self, boxes_xyxy: Tensor) -> Tensor:
+        """``(B, P)`` IoU of every box of ``(B, 4)`` with every prior."""
+        if self.grid is None:
+            return pairwise_iou(boxes_xyxy, self.xyxy)
+        grid_size, shapes, lo, hi = self.grid
+        n_boxes = boxes_xyxy.shape[0]
+        # (B, 2, G * S): overlap along x (row 0) and y (row 1) with each column's / row's intervals.
+        overlap = torch.minimum(boxes_xyxy[:, 2:, None], hi).sub_(torch.maximum(boxes_xyxy[:, :2, None], lo))
+        overlap.clamp_(min=0)
+        inter = overlap[:, 1].view(n_boxes, grid_size, 1, shapes) * overlap[:, 0].view(n_boxes, 1, grid_size, shapes)
+        inter = inter.view(n_boxes, len(self))  # (B, P): rows outer, then columns, then shapes, as the priors
+        box_area = (boxes_xyxy[:, 2] - boxes_xyxy[:, 0]) * (boxes_xyxy[:, 3] - boxes_xyxy[:, 1])
+        union = (box_area[:, None] + self.area).sub_(inter)
+        return inter.div_(union)
+
+
+def _square_grid(priors_cxcywh: Tensor, priors_xyxy: Tensor) -> tuple[int, int, Tensor, Tensor] | None:
+    """``(G, S, lo, hi)`` when the priors form a G x G grid of cells with the same S shapes, else None.
+
+    ``lo`` and ``hi`` are ``(2, G * S)``: row 0 the x-intervals of the columns' priors, row 1 the
+    y-intervals of the rows' priors, in (cell, shape) order.
+    """
+    n_priors = priors_cxcywh.shape[0]
+    same_centre = (priors_cxcywh[:, :2] == priors_cxcywh[0, :2]).all(dim=1)
+    shapes = int(same_centre.int().cumprod(0).sum())  # the first cell's priors
+    grid_size = math.isqrt(n_priors // shapes)
+    if grid_size * grid_size * shapes != n_priors:
+        return None
+    corners = priors_xyxy.view(grid_size, grid_size, shapes, 4)
+    x_intervals, y_intervals = corners[..., 0::2], corners[..., 1::2]  # (G rows, G columns, S, 2)
+    if not (torch.equal(x_intervals, x_intervals[:1].expand_as(x_intervals))
+            and torch.equal(y_intervals, y_intervals[:, :1].expand_as(y_intervals))):
+        return None
+    x_intervals, y_intervals = x_intervals[0], y_intervals[:, 0]  # (G, S, 2) each
+    intervals = torch.stack([x_intervals, y_intervals]).view(2, grid_size * shapes, 2)
+    return grid_size, shapes, intervals[..., 0].contiguous(), intervals[..., 1].contiguous()
+
+
 class Matches(NamedTuple):
     """Result of :func:`match_priors` for a batch of ``N`` images and ``P`` priors.
 
     Attributes:
         labels: ``(N, P)`` long, the matched box's label for positive priors, 0 (background) elsewhere.
-        gt_index: ``(N, P)`` long, the row of the matched box in :class:`Targets` for positives, 0
-            elsewhere: the matched box of prior p in image n is ``targets.boxes[gt_index[n, p]]``.
         iou: ``(N, P)`` the prior's best IoU with any real box of its image (-1 when it has none).
         forced: ``(N, P)`` bool, the prior was claimed as a box's best prior.
         positive: ``(N, P)`` bool, ``forced | (iou >= threshold)``.
+        positive_index: ``(K,)`` long, the positives as indices into the flattened ``(N * P)`` priors,
+            in increasing order (``positive.view(-1).nonzero()``).
+        positive_row: ``(K,)`` long, the row in :class:`Targets` of each positive's matched box.
     """
 
     labels: Tensor
-    gt_index: Tensor
     iou: Tensor
     forced: Tensor
     positive: Tensor
+    positive_index: Tensor
+    positive_row: Tensor
+
+    def gt_index(self) -> Tensor:
+        """``(N, P)`` long: the matched box's row in :class:`Targets` for positives, 0 elsewhere."""
+        dense = torch.zeros_like(self.labels)
+        return dense.view(-1).index_put_((self.positive_index,), self.positive_row).view_as(dense)
 
 
 def flatten_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> Targets:
@@ -122,13 +200,13 @@ def flatten_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> Target
     except RuntimeError as error:  # tensors on different devices
         raise TargetError(f"the boxes and labels of a batch must all be on one device: {error}") from error
     counts = [int(b.shape[0]) for b in boxes]
-    counts_tensor = torch.tensor(counts, device=device)
-    first_row = torch.cumsum(counts_tensor, 0) - counts_tensor
-    image = torch.repeat_interleave(torch.arange(len(boxes), device=device), counts_tensor)
-    return Targets(flat_boxes, flat_labels.to(device), image, first_row, counts)
+    count = torch.tensor(counts, device=device)
+    first_row = torch.cumsum(count, 0) - count
+    image = torch.repeat_interleave(torch.arange(len(boxes), device=device), count)
+    return Targets(flat_boxes, flat_labels.to(device), image, first_row, count, counts)
 
 
-def match_priors(targets: Targets, priors_cxcywh: Tensor, threshold: float = 0.5) -> Matches:
+def match_priors(targets: Targets, priors: PriorBoxes | Tensor, threshold: float = 0.5) -> Matches:
     """Match every prior of every image to a ground-truth box or to background.
 
     Rules, applied to the whole batch at once:
@@ -143,24 +221,23 @@ def match_priors(targets: Targets, priors_cxcywh: Tensor, threshold: float = 0.5
 
     Args:
         targets: the batch's ground truth (see :func:`flatten_targets`), labels in 1..C-1.
-        priors_cxcywh: ``(P, 4)``.
+        priors: :class:`PriorBoxes`, or the ``(P, 4)`` cxcywh priors to build them from.
         threshold: IoU from which a prior is positive.
 
     Returns:
         :class:`Matches`.
     """
-    n_images, n_priors = len(targets.counts), priors_cxcywh.shape[0]
+    if isinstance(priors, Tensor):
+        priors = PriorBoxes(priors)
+    n_images, n_priors = len(targets.counts), len(priors)
     n_boxes = targets.boxes.shape[0]
     device = targets.boxes.device
     if n_boxes == 0:
-        background = torch.zeros(n_images, n_priors, device=device, dtype=torch.long)
-        no_match = background.bool()
-        return Matches(background, background, torch.full_like(background, -1.0, dtype=torch.float32),
-                       no_match, no_match)
+        return _no_matches(n_images, n_priors, device)
 
     # One (B, P) row per real box; the per-image reductions are scatter_reduce calls over the rows'
     # images, so the cost follows the real box count, not the most crowded image.
-    iou = pairwise_iou(targets.boxes, cxcywh_to_xyxy(priors_cxcywh))  # (B, P)
+    iou = priors.iou(targets.boxes)  # (B, P)
     # Best IoU of each prior over its image's boxes (-1 in images without boxes).
     prior_iou = iou.new_full((n_images, n_priors), -1.0)
     prior_iou = prior_iou.scatter_reduce_(0, targets.image[:, None].expand_as(iou), iou, reduce="amax")
@@ -174,26 +251,44 @@ def match_priors(targets: Targets, priors_cxcywh: Tensor, threshold: float = 0.5
     row = torch.arange(n_boxes, device=device, dtype=iou.dtype)
     row_if_winner = torch.where(claim_iou == best_claim[flat_prior], row, float(n_boxes))
     winner = iou.new_full((n_images * n_priors,), float(n_boxes))
-    winner = winner.scatter_reduce_(0, flat_prior, row_if_winner, reduce="amin").view(n_images, n_priors)
-    forced = winner < n_boxes
+    winner = winner.scatter_reduce_(0, flat_prior, row_if_winner, reduce="amin")  # (N * P,)
+    forced = (winner < n_boxes).view(n_images, n_priors)
     positive = forced | (prior_iou >= threshold)
 
-    # Which box a prior above the threshold takes: the first of its image's boxes reaching its best IoU.
-    # Only those priors (a few percent) need it, so the search runs over their (prior, box) pairs instead
-    # of all B x P.
-    image_idx, prior_idx = (positive & ~forced).nonzero(as_tuple=True)
+    # Which box each positive takes: a forced prior its winning claimant; any other the first of its
+    # image's boxes reaching its best IoU. The search runs over the positives' (prior, box) pairs, a few
+    # percent of the B x P.
+    positive_index = positive.view(-1).nonzero().squeeze(1)  # (K,)
+    image_idx = positive_index.div(n_priors, rounding_mode="floor")
+    first_row = targets.first_row[image_idx]
+    # The image's rows are first_row + slot; the first slot reaching the prior's best IoU is a row of
+    # that image, since the best IoU is one of its own. Slots past the image run into later rows (or
+    # repeat the last one), which can only tie after that.
     slots = torch.arange(max(targets.counts), device=device)
-    pair_row = (targets.first_row[image_idx, None] + slots).clamp_(max=n_boxes - 1)  # (K, max n_i)
-    counts = targets.first_row.new_tensor(targets.counts)
-    pair_iou = iou[pair_row, prior_idx[:, None]].masked_fill_(slots >= counts[image_idx, None], -1.0)
-    gt_index = torch.where(forced, winner.long(), 0)
-    gt_index[image_idx, prior_idx] = targets.first_row[image_idx] + pair_iou.argmax(dim=1)  # first on ties
+    pair_row = (first_row[:, None] + slots).clamp_(max=n_boxes - 1)  # (K, max n_i)
+    pair_index = pair_row.mul_(n_priors).add_((positive_index - image_idx * n_priors)[:, None])
+    pair_iou = iou.view(-1).index_select(0, pair_index.view(-1)).view(pair_index.shape)
+    reaches_best = pair_iou == prior_iou.view(-1)[positive_index, None]
+    positive_winner = winner[positive_index]
+    positive_row = torch.where(positive_winner < n_boxes, positive_winner.long(),
+                               first_row + reaches_best.byte().argmax(dim=1))  # argmax: the first True
 
-    labels = torch.where(positive, targets.labels[gt_index], 0)
-    return Matches(labels=labels, gt_index=gt_index, iou=prior_iou, forced=forced, positive=positive)
+    labels = torch.zeros(n_images * n_priors, device=device, dtype=torch.long)
+    labels.index_put_((positive_index,), targets.labels[positive_row])
+    return Matches(labels=labels.view(n_images, n_priors), iou=prior_iou, forced=forced, positive=positive,
+                   positive_index=positive_index, positive_row=positive_row)
 
 
-def match_priors_atss(targets: Targets, priors_cxcywh: Tensor, n_candidates: int = 36) -> Matches:
+def _no_matches(n_images: int, n_priors: int, device: torch.device) -> Matches:
+    """Matches of a batch without boxes: every prior is background."""
+    background = torch.zeros(n_images, n_priors, device=device, dtype=torch.long)
+    no_match = background.bool()
+    nothing = background.new_zeros(0)
+    return Matches(background, torch.full_like(background, -1.0, dtype=torch.float32), no_match, no_match,
+                   nothing, nothing)
+
+
+def match_priors_atss(targets: Targets, priors: PriorBoxes | Tensor, n_candidates: int = 36) -> Matches:
     """Match priors to boxes with ATSS's adaptive IoU threshold (Zhang et al., CVPR 2020), for a whole batch.
 
     A fixed IoU threshold suits boxes of the priors' shapes and leaves the others with their single best
@@ -212,26 +307,27 @@ def match_priors_atss(targets: Targets, priors_cxcywh: Tensor, n_candidates: int
 
     Args:
         targets: the batch's ground truth (see :func:`flatten_targets`), labels in 1..C-1.
-        priors_cxcywh: ``(P, 4)``.
+        priors: :class:`PriorBoxes`, or the ``(P, 4)`` cxcywh priors to build them from.
         n_candidates: candidates per box (at most P).
 
     Returns:
         :class:`Matches`; ``iou`` is each prior's best IoU with any real box and ``forced`` marks the boxes'
         best priors, as for :func:`match_priors`.
     """
-    n_priors = priors_cxcywh.shape[0]
+    if isinstance(priors, Tensor):
+        priors = PriorBoxes(priors)
+    n_priors = len(priors)
     if not 2 <= n_candidates <= n_priors:
         raise ValueError(f"n_candidates must be in [2, {n_priors}], got {n_candidates}")
     # A padded (N, M, P) layout: the per-box statistics (nearest candidates, mean and std of their IoUs)
     # are reductions along P, and M stays small in detection batches.
     gt_boxes_xyxy, gt_labels, valid = targets.padded()
     n_images, max_boxes, _ = gt_boxes_xyxy.shape
-    iou = pairwise_iou(gt_boxes_xyxy.reshape(-1, 4), cxcywh_to_xyxy(priors_cxcywh))
-    iou = iou.view(n_images, max_boxes, n_priors)
+    iou = priors.iou(gt_boxes_xyxy.reshape(-1, 4)).view(n_images, max_boxes, n_priors)
     iou = iou.masked_fill(~valid[..., None], -1.0)
 
     box_centre = (gt_boxes_xyxy[..., :2] + gt_boxes_xyxy[..., 2:]) / 2
-    x, y = priors_cxcywh[:, 0], priors_cxcywh[:, 1]  # prior centres
+    x, y = priors.cxcywh[:, 0], priors.cxcywh[:, 1]  # prior centres
     # Squared distances from the x and y planes: a reduction over a trailing dimension of 2 is slow on CPU.
     dx = box_centre[..., 0:1] - x
     dy = box_centre[..., 1:2] - y
@@ -255,10 +351,13 @@ def match_priors_atss(targets: Targets, priors_cxcywh: Tensor, n_candidates: int
     best_claim_iou, gt_index = claim_iou.max(dim=1)  # (N, P)
     positive = best_claim_iou > -2.0
     labels = torch.where(positive, gt_labels.gather(1, gt_index), torch.zeros_like(gt_index))
+    positive_index = positive.view(-1).nonzero().squeeze(1)
+    positive_row = (targets.first_row[:, None] + gt_index).view(-1)[positive_index]  # slot -> row
     return Matches(
         labels=labels,
-        gt_index=torch.where(positive, targets.first_row[:, None] + gt_index, 0),  # slot -> row
         iou=iou.max(dim=1).values,
         forced=forced_claims.any(dim=1),
         positive=positive,
+        positive_index=positive_index,
+        positive_row=positive_row,
     )
