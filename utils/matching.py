@@ -9,6 +9,7 @@ derive from the priors, so that a training loop computes it once.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -181,6 +182,32 @@ def flatten_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> Target
         )
     if len(boxes) == 0:
         raise TargetError("flatten_targets needs at least one image")
+    # Checked on the concatenation, a handful of host-side tests per batch; a batch that fails them is
+    # searched image by image for the entry to name.
+    try:
+        counts = [int(b.shape[0]) for b in boxes]
+        flat_boxes = torch.cat(list(boxes))
+        flat_labels = torch.cat(list(labels))
+        well_formed = (
+            flat_boxes.dim() == 2 and flat_boxes.shape[1] == 4 and flat_labels.dim() == 1
+            and [int(lab.shape[0]) for lab in labels] == counts and flat_boxes.shape[0] == sum(counts)
+            and not (flat_labels.dtype.is_floating_point or flat_labels.dtype == torch.bool)
+        )  # fmt: skip
+    except (AttributeError, IndexError, RuntimeError, TypeError):
+        well_formed = False
+    if not well_formed:
+        _raise_target_error(boxes, labels)
+
+    device, dtype = boxes[0].device, boxes[0].dtype
+    # The sizes are known on the host: no cumsum, and repeat_interleave needs no sync for its output size.
+    count_and_first_row = torch.tensor([counts, [0, *itertools.accumulate(counts[:-1])]], device=device)
+    count, first_row = count_and_first_row
+    image = torch.repeat_interleave(count, output_size=flat_boxes.shape[0])
+    return Targets(flat_boxes.to(dtype), flat_labels.to(device, torch.long), image, first_row, count, counts)
+
+
+def _raise_target_error(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> None:
+    """Name the first image whose boxes or labels are malformed (``flatten_targets``'s slow path)."""
     for i, (b, lab) in enumerate(zip(boxes, labels, strict=True)):
         if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
             shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
@@ -192,18 +219,12 @@ def flatten_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> Target
             )
         if lab.dtype.is_floating_point or lab.dtype == torch.bool:
             raise TargetError(f"labels[{i}] must hold integers, got dtype {lab.dtype}")
-
-    device, dtype = boxes[0].device, boxes[0].dtype
-    try:
-        flat_boxes = torch.cat(list(boxes)).to(dtype)
-        flat_labels = torch.cat(list(labels)).long()
-    except RuntimeError as error:  # tensors on different devices
+    try:  # every entry is well formed: the tensors must be on several devices
+        torch.cat(list(boxes))
+        torch.cat(list(labels))
+    except RuntimeError as error:
         raise TargetError(f"the boxes and labels of a batch must all be on one device: {error}") from error
-    counts = [int(b.shape[0]) for b in boxes]
-    count = torch.tensor(counts, device=device)
-    first_row = torch.cumsum(count, 0) - count
-    image = torch.repeat_interleave(torch.arange(len(boxes), device=device), count)
-    return Targets(flat_boxes, flat_labels.to(device), image, first_row, count, counts)
+    raise TargetError("the boxes and labels of this batch cannot be concatenated")
 
 
 def match_priors(targets: Targets, priors: PriorBoxes | Tensor, threshold: float = 0.5) -> Matches:
