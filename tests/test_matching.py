@@ -49,6 +49,12 @@ def test_all_empty_targets_pad_to_one_slot():
 def test_flatten_targets_errors_name_the_image():
     with pytest.raises(TargetError, match=r"boxes\[1\]"):
         flatten_targets([torch.zeros(1, 4), torch.zeros(2, 3)], [torch.ones(1, dtype=torch.long)] * 2)
+    # torch.cat would skip an empty 1-D tensor: it must still be named, not read as an image without boxes
+    with pytest.raises(TargetError, match=r"boxes\[1\] must be a \(n, 4\) tensor, got \(0,\)"):
+        flatten_targets([torch.zeros(1, 4), torch.zeros(0)], [torch.ones(1, dtype=torch.long), torch.zeros(0)])
+    # equal totals (3 boxes, 3 labels) but not per image
+    with pytest.raises(TargetError, match=r"labels\[0\] must be a \(1,\) tensor to match boxes\[0\], got \(2,\)"):
+        flatten_targets([torch.zeros(1, 4), torch.zeros(2, 4)], [torch.ones(2, dtype=torch.long), torch.ones(1)])
     with pytest.raises(TargetError, match=r"labels\[0\] must hold integers"):
         flatten_targets([torch.zeros(1, 4)], [torch.ones(1)])
     with pytest.raises(TargetError, match=r"labels\[0\]"):

@@ -188,9 +188,10 @@ def flatten_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> Target
         counts = [int(b.shape[0]) for b in boxes]
         flat_boxes = torch.cat(list(boxes))
         flat_labels = torch.cat(list(labels))
+        # torch.cat skips 1-D empty tensors, so the boxes' dimensions are checked one by one.
         well_formed = (
             flat_boxes.dim() == 2 and flat_boxes.shape[1] == 4 and flat_labels.dim() == 1
-            and [int(lab.shape[0]) for lab in labels] == counts and flat_boxes.shape[0] == sum(counts)
+            and all(b.dim() == 2 for b in boxes) and [int(lab.shape[0]) for lab in labels] == counts
             and not (flat_labels.dtype.is_floating_point or flat_labels.dtype == torch.bool)
         )  # fmt: skip
     except (AttributeError, IndexError, RuntimeError, TypeError):
