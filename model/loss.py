@@ -90,20 +90,26 @@ def hard_negative_mask(neg_loss: Tensor, positive: Tensor, neg_pos_ratio: float,
     Returns:
         ``(N, P)`` bool mask of the selected negatives (never a positive or an ignored prior).
     """
-    excluded = positive if ignored is None else positive | ignored
-    n_pos = positive.sum(dim=1, keepdim=True)
-    n_available = excluded.shape[1] - excluded.sum(dim=1, keepdim=True)
-    n_neg = torch.minimum((n_pos * neg_pos_ratio).floor().long(), n_available)  # (N, 1)
-    k_max = int(n_neg.max()) if n_neg.numel() else 0
     n_images, n_priors = positive.shape
+    n_pos = positive.sum(dim=1, keepdim=True)
+    if ignored is None:
+        excluded, n_available = positive, n_priors - n_pos
+    else:
+        excluded = positive | ignored
+        n_available = n_priors - excluded.sum(dim=1, keepdim=True)
+    if float(neg_pos_ratio).is_integer():
+        wanted = n_pos * int(neg_pos_ratio)
+    else:
+        wanted = (n_pos * neg_pos_ratio).floor_().long()
+    n_neg = torch.minimum(wanted, n_available)  # (N, 1)
+    k_max = int(n_neg.max()) if n_neg.numel() else 0
     if k_max == 0:
         return torch.zeros_like(positive)
     # Excluded priors rank last, below every negative, so they are never among an image's top n_neg_i.
-    ranked = neg_loss.detach().masked_fill(excluded, -math.inf)
-    n_placeholders = k_max - n_neg  # (N, 1)
-    placeholders = torch.arange(k_max, device=ranked.device) < n_placeholders  # (N, k_max) bool
-    padding = ranked.new_full((n_images, k_max), -math.inf).masked_fill_(placeholders, math.inf)
-    extended = torch.cat([ranked, padding], dim=1)
+    placeholders = torch.arange(k_max, device=positive.device) < (k_max - n_neg)  # (N, k_max)
+    padding = torch.where(placeholders, math.inf, -math.inf).to(neg_loss.dtype)
+    extended = torch.cat([neg_loss.detach(), padding], dim=1)
+    extended[:, :n_priors].masked_fill_(excluded, -math.inf)
     chosen = extended.topk(k_max, dim=1, sorted=False).indices  # (N, k_max), indices >= P are placeholders
     mask = torch.zeros(n_images, n_priors + k_max, dtype=torch.bool, device=positive.device)
     return mask.scatter_(1, chosen, True)[:, :n_priors]
@@ -130,12 +136,13 @@ class _SelectedCrossEntropySum(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         log_probs, target, selected = ctx.saved_tensors
-        image_idx, prior_idx = selected.nonzero(as_tuple=True)
-        rows_grad = log_probs[image_idx, prior_idx].exp_()  # softmax of the selected rows
-        rows = torch.arange(rows_grad.shape[0], device=rows_grad.device)
-        rows_grad[rows, target[image_idx, prior_idx]] -= 1.0
-        grad_scores = torch.zeros_like(log_probs)
-        grad_scores[image_idx, prior_idx] = rows_grad.mul_(grad_output)
+        n_classes = log_probs.shape[-1]
+        rows = selected.view(-1).nonzero().squeeze(1)  # flat (image, prior) indices
+        rows_grad = log_probs.reshape(-1, n_classes).index_select(0, rows).exp_()  # their softmax
+        rows_grad.view(-1)[torch.arange(0, rows_grad.numel(), n_classes, device=rows.device)
+                           + target.view(-1)[rows]] -= 1.0
+        grad_scores = log_probs.new_zeros(log_probs.shape)  # contiguous, whatever the layout of the logits
+        grad_scores.view(-1, n_classes).index_copy_(0, rows, rows_grad.mul_(grad_output))
         return grad_scores, None, None, None, None
 
 
@@ -253,8 +260,18 @@ class MultiBoxLoss(nn.Module):
         return self._prior_boxes
 
     def _check_targets(self, targets: Targets, n_classes: int) -> None:
-        # One host sync for all checks; bad targets would otherwise surface later as NaN or a CUDA assert.
+        # Bad targets would otherwise surface later as NaN or a CUDA assert. One host sync for the batch:
+        # the sides and labels' extremes. A NaN side makes its minimum NaN, an infinite coordinate one
+        # side infinite or NaN; the rows are searched only when something is wrong.
         boxes, labels = targets.boxes, targets.labels
+        if boxes.shape[0] == 0:
+            return
+        side_min, side_max = torch.aminmax(boxes[:, 2:] - boxes[:, :2])
+        label_min, label_max = torch.aminmax(labels)
+        side_min, side_max, label_min, label_max = torch.stack(
+            [side_min, side_max, label_min.to(side_min.dtype), label_max.to(side_min.dtype)]).tolist()
+        if side_min > 0 and side_max < math.inf and label_min >= 1 and label_max < n_classes:
+            return
         bad_box = ~(torch.isfinite(boxes).all(dim=1) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
         bad_label = (labels < 1) | (labels >= n_classes)
         bad = torch.stack([bad_box.any(), bad_label.any()]).tolist()

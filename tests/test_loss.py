@@ -171,7 +171,8 @@ def test_hard_negative_count_is_three_to_one_and_capped():
     assert neg_loss[0][mask[0]].min() > neg_loss[0][negatives & ~mask[0]].max()
 
 
-def test_hard_negatives_equal_a_per_image_sort():
+@pytest.mark.parametrize(("neg_pos_ratio", "with_ignored"), [(3, True), (3, False), (2.5, True), (0.5, False)])
+def test_hard_negatives_equal_a_per_image_sort(neg_pos_ratio, with_ignored):
     # Every image wants a different count, so each row of the batched selection holds a different number
     # of placeholders; the chosen set must still be exactly each image's n_neg_i largest losses.
     g = torch.Generator().manual_seed(4)
@@ -179,10 +180,12 @@ def test_hard_negatives_equal_a_per_image_sort():
         neg_loss = torch.rand(8, 441, generator=g) * 5
         positive = torch.rand(8, 441, generator=g) < torch.rand(8, 1, generator=g) * 0.4
         ignored = (torch.rand(8, 441, generator=g) < 0.1) & ~positive
-        mask = hard_negative_mask(neg_loss, positive, 3, ignored)
+        if not with_ignored:
+            ignored[:] = False
+        mask = hard_negative_mask(neg_loss, positive, neg_pos_ratio, ignored if with_ignored else None)
         for image in range(8):
             candidates = (~positive[image] & ~ignored[image]).nonzero().squeeze(1)
-            n_neg = min(3 * int(positive[image].sum()), len(candidates))
+            n_neg = min(math.floor(neg_pos_ratio * int(positive[image].sum())), len(candidates))
             hardest = candidates[neg_loss[image, candidates].argsort(descending=True)[:n_neg]]
             expected = torch.zeros(441, dtype=torch.bool)
             expected[hardest] = True
@@ -257,6 +260,27 @@ def test_gradients_finite_with_empty_images(classification):
         assert scores.grad[1].abs().sum() == 0
 
 
+def test_non_contiguous_logits_give_the_same_loss_and_gradients():
+    # A head may hand over permuted views; the loss and its backward must not assume a layout.
+    g = torch.Generator().manual_seed(5)
+    locs, scores, boxes, labels = random_batch(3, 6, 21, g, min_boxes=1)
+    loss_fn = MultiBoxLoss(create_prior_boxes())
+    results = []
+    for layout in ("contiguous", "permuted"):
+        leaf_locs, leaf_scores = locs.clone().requires_grad_(), scores.clone().requires_grad_()
+        if layout == "permuted":
+            view_locs = leaf_locs.transpose(1, 2).contiguous().transpose(1, 2)
+            view_scores = leaf_scores.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+            assert not view_scores.is_contiguous() and not view_locs.is_contiguous()
+        else:
+            view_locs, view_scores = leaf_locs, leaf_scores
+        out = loss_fn(view_locs, view_scores, boxes, labels)
+        out.total.backward()
+        results.append((out.total.detach(), leaf_locs.grad, leaf_scores.grad))
+    for first, second in zip(*results, strict=True):
+        assert torch.allclose(first, second, atol=1e-6)
+
+
 def test_new_priors_buffer_is_used():
     # The loss caches what matching derives from its priors; a replaced buffer (as Module.to() does)
     # must not leave the old priors in use.
@@ -289,6 +313,17 @@ def test_bad_targets_name_the_entry():
     flat = torch.tensor([[0.2, 0.2, 0.2, 0.5]])
     with pytest.raises(TargetError, match=r"boxes\[1\]\[0\]"):
         loss_fn(locs, scores, [good, flat], [torch.tensor([1]), torch.tensor([1])])
+    # non-finite coordinates, wherever they sit: the batch check reads only the boxes' sides
+    two = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.1, 0.1, 0.6, 0.6]])
+    for row, column, value in [(1, 2, math.inf), (0, 0, -math.inf), (1, 3, math.nan), (0, 1, math.nan)]:
+        bad = two.clone()
+        bad[row, column] = value
+        with pytest.raises(TargetError, match=rf"boxes\[1\]\[{row}\] = .* is not a finite box"):
+            loss_fn(locs, scores, [good, bad], [torch.tensor([1]), torch.tensor([1, 2])])
+    both_infinite = two.clone()
+    both_infinite[0, [0, 2]] = math.inf  # inf - inf: the side is NaN
+    with pytest.raises(TargetError, match=r"boxes\[0\]\[0\]"):
+        loss_fn(locs, scores, [both_infinite, good], [torch.tensor([1, 2]), torch.tensor([1])])
 
 
 def test_bad_shapes_and_options():
