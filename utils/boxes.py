@@ -78,9 +78,11 @@ def encode_boxes(boxes_xyxy: Tensor, priors_cxcywh: Tensor,
     Returns:
         ``(..., P, 4)`` offsets (g_cx, g_cy, g_w, g_h).
     """
-    boxes = xyxy_to_cxcywh(boxes_xyxy)
-    centre = (boxes[..., :2] - priors_cxcywh[..., :2]) / (variances[0] * priors_cxcywh[..., 2:])
-    size = torch.log(boxes[..., 2:] / priors_cxcywh[..., 2:]) / variances[1]
+    # The box's centre and size as in xyxy_to_cxcywh, without building its (..., 4) tensor.
+    xy_min, xy_max = boxes_xyxy[..., :2], boxes_xyxy[..., 2:]
+    prior_centre, prior_size = priors_cxcywh[..., :2], priors_cxcywh[..., 2:]
+    centre = ((xy_min + xy_max) / 2 - prior_centre) / (variances[0] * prior_size)
+    size = torch.log((xy_max - xy_min) / prior_size) / variances[1]
     return torch.cat([centre, size], dim=-1)
 
 
