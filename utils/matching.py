@@ -42,21 +42,19 @@ class Targets(NamedTuple):
         image: ``(B,)`` long, the image of each row.
         first_row: ``(N,)`` long, the row of each image's first box (where it would be, for an image
             without boxes).
-        count: ``(N,)`` long, boxes per image.
-        counts: the same counts as ``N`` ints.
+        counts: boxes per image, ``N`` ints.
     """
 
     boxes: Tensor
     labels: Tensor
     image: Tensor
     first_row: Tensor
-    count: Tensor
     counts: list[int]
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Targets:
         """The same targets on ``device``, boxes in ``dtype``."""
         return Targets(self.boxes.to(device, dtype), self.labels.to(device), self.image.to(device),
-                       self.first_row.to(device), self.count.to(device), self.counts)
+                       self.first_row.to(device), self.counts)
 
     def padded(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(boxes (N, M, 4), labels (N, M) long, valid (N, M) bool)`` with ``M = max(1, max n_i)``;
@@ -95,12 +93,6 @@ class PriorBoxes:
 
     def __len__(self) -> int:
         return self.cxcywh.shape[0]
-
-    def to(self, device: torch.device | str) -> PriorBoxes:
-        """The same priors on ``device`` (``self`` when they are there already)."""
-        if self.cxcywh.device == torch.device(device):
-            return self
-        return PriorBoxes(self.cxcywh.to(device))
 
     def iou(self, boxes_xyxy: Tensor) -> Tensor:
         """``(B, P)`` IoU of every box of ``(B, 4)`` with every prior."""
@@ -204,7 +196,7 @@ def flatten_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> Target
     count_and_first_row = torch.tensor([counts, [0, *itertools.accumulate(counts[:-1])]], device=device)
     count, first_row = count_and_first_row
     image = torch.repeat_interleave(count, output_size=flat_boxes.shape[0])
-    return Targets(flat_boxes.to(dtype), flat_labels.to(device, torch.long), image, first_row, count, counts)
+    return Targets(flat_boxes.to(dtype), flat_labels.to(device, torch.long), image, first_row, counts)
 
 
 def _raise_target_error(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> None:
