@@ -32,7 +32,7 @@ def naive_detect_objects(locs, scores, priors_cxcywh, *, min_score=0.01, max_ove
             class_scores, order = probs[above, c].sort(descending=True)
             class_boxes = boxes[above][order]
             overlap = box_iou(class_boxes, class_boxes)
-            suppress = torch.zeros(len(class_boxes), dtype=torch.bool)
+            suppress = torch.zeros(len(class_boxes), dtype=torch.bool, device=class_boxes.device)
             for b in range(len(class_boxes)):
                 if suppress[b]:
                     continue
@@ -44,10 +44,11 @@ def naive_detect_objects(locs, scores, priors_cxcywh, *, min_score=0.01, max_ove
                     voters = box_iou(survivors[b:b + 1], class_boxes)[0] >= box_voting_iou
                     survivors[b] = class_boxes[voters].mean(dim=0)
             kept_boxes.append(survivors)
-            kept_labels.append(torch.full((int((~suppress).sum()),), c, dtype=torch.long))
+            kept_labels.append(torch.full((int((~suppress).sum()),), c, dtype=torch.long, device=boxes.device))
             kept_scores.append(class_scores[~suppress])
         if not kept_boxes:
-            results.append((torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0)))
+            results.append((boxes.new_zeros(0, 4), torch.zeros(0, dtype=torch.long, device=boxes.device),
+                            probs.new_zeros(0)))
             continue
         image_scores, order = torch.cat(kept_scores).sort(descending=True)
         order = order[:top_k]
