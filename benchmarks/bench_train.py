@@ -14,6 +14,11 @@ The ratio says how much the loop adds on top of the model. The two are timed in 
 the image cache is filled first, as after train.py's first epoch), and the ratio is the median of the
 rounds' ratios, so a machine whose speed drifts during the run does not decide it. On CUDA the model-only
 figure is also measured in fp32 without channels_last, for the AMP + channels_last speed-up.
+
+With `--breakdown`, two more runners split the loop's cost between its halves:
+"data only": the DataLoader and the copy of its batches to the device, with no model;
+"step, pre-loaded batch": forward, MultiBoxLoss, backward, optimizer and EMA step and the logged loss, as
+in the whole loop, on one batch from the loader kept on the device.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from utils.ema import ModelEMA  # noqa: E402
 from utils.engine import (  # noqa: E402
     autocast_context,
     configure_cpu_training,
+    move_targets,
     resolve_amp_dtype,
     resolve_device,
 )
@@ -73,27 +79,34 @@ def _seeded_model(cfg, device, channels_last) -> tuple[torch.nn.Module, torch.me
     return model, memory_format, build_optimizer(cfg.train, model)
 
 
+def endless_batches(loader, sampler):
+    """The loader's batches across epoch boundaries, each epoch reshuffled as train.py does."""
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def to_device(batch, device: torch.device, memory_format: torch.memory_format):
+    """A loader batch moved as train.py's loop moves it: (images, boxes, labels)."""
+    images, boxes, labels, _difficult = batch
+    images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    boxes, labels = move_targets(boxes, labels, device)
+    return images, boxes, labels
+
+
 def whole_loop_runner(cfg, loader, sampler, device, amp_dtype, channels_last) -> Callable[[int], None]:
     """`run(k)` trains k more steps exactly as train.py's loop does, across epoch boundaries."""
     model, memory_format, optimizer = _seeded_model(cfg, device, channels_last)
     criterion = build_criterion(cfg.loss, model).to(device)
     ema = ModelEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
 
-    def batches():
-        epoch = 0
-        while True:
-            sampler.set_epoch(epoch)
-            yield from loader
-            epoch += 1
-
-    stream = batches()
+    stream = endless_batches(loader, sampler)
 
     def run(steps: int) -> None:
         for _ in range(steps):
-            images, boxes, labels, _ = next(stream)
-            images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            boxes = [b.to(device) for b in boxes]
-            labels = [lab.to(device) for lab in labels]
+            images, boxes, labels = to_device(next(stream), device, memory_format)
             with autocast_context(device, amp_dtype):
                 locs, scores = model(images)
             loss = criterion(locs.float(), scores.float(), boxes, labels)
@@ -103,6 +116,40 @@ def whole_loop_runner(cfg, loader, sampler, device, amp_dtype, channels_last) ->
             if ema is not None:
                 ema.update(model)
             loss.total.item()  # the loop logs the loss every step
+
+    return run
+
+
+def data_only_runner(loader, sampler, device, channels_last) -> Callable[[int], None]:
+    """`run(k)`: k batches from the loader, moved to the device; no model."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    stream = endless_batches(loader, sampler)
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            to_device(next(stream), device, memory_format)
+
+    return run
+
+
+def preloaded_step_runner(cfg, batch, device, amp_dtype, channels_last) -> Callable[[int], None]:
+    """`run(k)`: k of the whole loop's steps (real loss, EMA, logged loss) on one batch kept on the device."""
+    model, memory_format, optimizer = _seeded_model(cfg, device, channels_last)
+    criterion = build_criterion(cfg.loss, model).to(device)
+    ema = ModelEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    images, boxes, labels = to_device(batch, device, memory_format)
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            with autocast_context(device, amp_dtype):
+                locs, scores = model(images)
+            loss = criterion(locs.float(), scores.float(), boxes, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.total.backward()
+            optimizer.step()
+            if ema is not None:
+                ema.update(model)
+            loss.total.item()
 
     return run
 
@@ -160,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
     parser.add_argument("--rounds", type=int, default=20, help="measurements of each, interleaved")
     parser.add_argument("--images", type=int, default=256, help="synthetic images generated for the loop")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the data alone and the step on a pre-loaded batch")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -183,6 +232,12 @@ def main(argv: list[str] | None = None) -> None:
         }
         if device.type == "cuda":
             runners["fp32 NCHW"] = model_only_runner(cfg, batch, device, None, False)
+        if args.breakdown:
+            # Its own loader, so the whole loop's batches and epochs stay as they would be without it.
+            data_loader, data_sampler = build_loader(cfg, Path(tmp) / "data-only", args.images, batch, device)
+            runners["data only"] = data_only_runner(data_loader, data_sampler, device, channels_last)
+            runners["step, pre-loaded batch"] = preloaded_step_runner(
+                cfg, next(iter(data_loader)), device, amp_dtype, channels_last)
         figures = interleaved_rounds(runners, args.rounds, args.steps, args.warmup, batch, device)
     model_only, whole = figures["model only"], figures["whole loop"]
     ratios = [w / m for w, m in zip(whole, model_only, strict=True)]
@@ -198,6 +253,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"model only, fp32 NCHW:                                    {statistics.median(plain):8.1f} images/s")
         speedups = [m / p for m, p in zip(model_only, plain, strict=True)]
         print(f"AMP ({amp_dtype}) + channels_last speed-up over fp32: {statistics.median(speedups):.2f}x")
+    if args.breakdown:
+        for name in ("data only", "step, pre-loaded batch"):
+            part = figures[name]
+            shares = [w / p for w, p in zip(whole, part, strict=True)]
+            print(f"{name + ':':<57}{statistics.median(part):8.1f} images/s (median; rounds {_figures(part)}); "
+                  f"whole loop / this: {statistics.median(shares):.3f}")
 
 
 def _figures(values: list[float]) -> str:
