@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import torch
 
-from data.transforms import build_eval_transform
+from data.transforms import build_eval_transform, normalize_images
 from model.loss import score_activation_for
 from utils.builders import detector_from_checkpoint
 from utils.checkpoint import load_checkpoint
@@ -106,7 +106,7 @@ def detect_image(detector, transform, image_rgb: np.ndarray, device: torch.devic
                  class_names: list[str], activation: str, box_voting_iou: float | None) -> list[dict[str, Any]]:
     height, width = image_rgb.shape[:2]
     tensor = transform(image=image_rgb, bboxes=np.zeros((0, 4)), labels=[], difficult=[])["image"]
-    locs, scores = detector(tensor.unsqueeze(0).to(device))
+    locs, scores = detector(normalize_images(tensor.unsqueeze(0).to(device)))
     found = detector.detect_objects(
         locs.float(), scores.float(), min_score=args.min_score, max_overlap=args.max_overlap, top_k=args.top_k,
         activation=activation, box_voting_iou=box_voting_iou,

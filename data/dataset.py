@@ -38,9 +38,10 @@ def load_image(path: str | Path) -> np.ndarray:
 class DetectionDataset(Dataset):
     """Images and boxes of `records`, passed through an albumentations `transform`.
 
-    `__getitem__(i)` returns `(image (3, S, S) float32, boxes (n, 4) float32 fractional xyxy in [0, 1] with
-    positive area, labels (n,) int64 in 1..C-1, difficult (n,) bool)`. The transform receives `image`
-    (H, W, 3) uint8 RGB, `bboxes` (fractional xyxy), `labels` and `difficult` (see data/transforms.py).
+    `__getitem__(i)` returns `(image (3, S, S) uint8 RGB, boxes (n, 4) float32 fractional xyxy in [0, 1] with
+    positive area, labels (n,) int64 in 1..C-1, difficult (n,) bool)`; the model's input is the batch of
+    images after `data.transforms.normalize_images`. The transform receives `image` (H, W, 3) uint8 RGB,
+    `bboxes` (fractional xyxy), `labels` and `difficult` (see data/transforms.py) and must return uint8.
     Images without boxes are returned with empty (0, 4) / (0,) tensors.
 
     Args:
@@ -122,8 +123,13 @@ class DetectionDataset(Dataset):
                 f"the transform must end with ToTensorV2 (got {type(image_t).__name__} for image "
                 f"{record.image_id!r})"
             )
+        if image_t.dtype != torch.uint8:
+            raise TypeError(
+                f"the transform must return uint8 pixels (got {image_t.dtype} for image {record.image_id!r}); "
+                "normalization runs on whole batches (data.transforms.normalize_images), not in the transform"
+            )
         return (
-            image_t.float(),
+            image_t,
             torch.from_numpy(out_boxes),
             torch.from_numpy(labels),
             torch.from_numpy(difficult),

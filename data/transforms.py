@@ -1,12 +1,15 @@
 """Albumentations pipelines: the SSD training augmentation and the evaluation resize.
 
 Both pipelines take `image` (H, W, 3) uint8 RGB, `bboxes` (n, 4) fractional xyxy in [0, 1]
-(albumentations format), `labels` (n,) and `difficult` (n,), and return `image` as a (3, S, S) float32
-tensor normalized with ImageNet mean/std plus the surviving `bboxes` (fractional xyxy), `labels` and
-`difficult`.
+(albumentations format), `labels` (n,) and `difficult` (n,), and return `image` as a (3, S, S) uint8
+tensor plus the surviving `bboxes` (fractional xyxy), `labels` and `difficult`.
+
+Normalization with ImageNet mean/std is not part of the pipelines: `normalize_images` runs it on whole
+batches, on the device that runs the model. A DataLoader then moves uint8 pixels between processes and to
+the GPU, a quarter of the bytes of float32 ones.
 
 Training (SSD recipe): zoom-out (`Expand`: a canvas up to 4x filled with the mean colour), IoU-constrained
-random crop (`IoURandomCrop`), resize to S x S, horizontal flip, photometric distortion, normalization.
+random crop (`IoURandomCrop`), resize to S x S, horizontal flip, photometric distortion.
 The first three run as one step, `ExpandCropResize`: the same random draws and boxes as `Expand`,
 `IoURandomCrop` and `A.Resize` in a row, but one affine warp from the source photograph straight to
 S x S instead of building a canvas of up to 16x the photograph's pixels (and a plain resize of the crop,
@@ -28,6 +31,7 @@ from typing import Any
 import albumentations as A
 import cv2
 import numpy as np
+import torch
 from albumentations.pytorch import ToTensorV2
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -363,7 +367,6 @@ def build_train_transform(
     horizontal_flip: bool = True,
     crop_min_ious: Sequence[float | None] = SSD_MIN_IOUS,
     mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
     seed: int | None = None,
 ) -> A.Compose:
     """The SSD training augmentation as one A.Compose (see the module docstring for inputs/outputs).
@@ -375,7 +378,7 @@ def build_train_transform(
         expand_probability: probability of a zoom-out (0 disables it).
         random_crop: IoU-constrained random crop with options `crop_min_ious`.
         horizontal_flip: flip with probability 0.5.
-        mean, std: normalization (also sets the zoom-out fill colour).
+        mean: the normalization's mean, whose colour fills the zoom-out canvas.
         seed: seed of the pipeline's random stream (None: fresh entropy).
     """
     if image_size < 1:
@@ -398,29 +401,40 @@ def build_train_transform(
     if photometric:
         # SSD: brightness +-32/255, contrast and saturation x[0.5, 1.5], hue +-18 degrees.
         steps.append(A.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05, p=0.5))
-    steps += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
+    steps.append(ToTensorV2())
     transform = A.Compose(steps, bbox_params=_bbox_params())
     seed_transform(transform, seed)
     return transform
 
 
-def build_eval_transform(
-    image_size: int = 224,
-    *,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> A.Compose:
-    """Evaluation: resize to S x S and normalize; boxes are unchanged in fractional coordinates."""
+def build_eval_transform(image_size: int = 224) -> A.Compose:
+    """Evaluation: resize to S x S; boxes are unchanged in fractional coordinates."""
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size!r}")
     return A.Compose(
-        [
-            A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR),
-            A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
-            ToTensorV2(),
-        ],
+        [A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR), ToTensorV2()],
         bbox_params=_bbox_params(),
     )
+
+
+def normalize_images(
+    images: torch.Tensor,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """uint8 RGB images ``(..., 3, H, W)`` -> float32 ``(pixel - 255 mean) * (1 / (255 std))`` per channel.
+
+    Runs where the images are (the GPU, in CUDA training) and keeps their memory format. The constants
+    are rounded to float32 before the arithmetic and the division is a product with the reciprocal, as
+    albumentations' ``Normalize`` computes it, so both give the same floats for every pixel value.
+    """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize_images expects uint8 images (0..255), got dtype {images.dtype}")
+    if images.dim() < 3 or images.shape[-3] != 3:
+        raise ValueError(f"normalize_images expects (..., 3, H, W) RGB images, got shape {tuple(images.shape)}")
+    channel = torch.tensor([mean, std], dtype=torch.float32, device=images.device).mul_(255.0)
+    offset, scale = channel[0].view(3, 1, 1), channel[1].reciprocal_().view(3, 1, 1)
+    return images.float().sub_(offset).mul_(scale)
 
 
 def seed_transform(transform: Any, seed: int | None) -> None:

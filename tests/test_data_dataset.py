@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import albumentations as A
 import numpy as np
 import pytest
 import torch
+from albumentations.pytorch import ToTensorV2
 
 from data.dataset import DetectionDataset, build_dataloader, collate_detections, load_image
 from data.errors import ImageReadError
@@ -24,12 +26,20 @@ def test_eval_item_types_shapes_and_fractional_boxes():
     dataset = DetectionDataset(records, build_eval_transform(64), use_difficult=True)
     assert len(dataset) == 3
     image, boxes, labels, difficult = dataset[2]  # 000003: 48x64, sofa (difficult) and chair
-    assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+    assert image.shape == (3, 64, 64) and image.dtype == torch.uint8  # normalized later, on the batch
     assert boxes.dtype == torch.float32 and labels.dtype == torch.int64 and difficult.dtype == torch.bool
     # continuous (1, 29, 47, 63) and (9, 4, 30, 28) in a 48x64 image
     expected = torch.tensor([[1 / 48, 29 / 64, 47 / 48, 63 / 64], [9 / 48, 4 / 64, 30 / 48, 28 / 64]])
     torch.testing.assert_close(boxes, expected, rtol=0, atol=1e-6)
     assert labels.tolist() == [18, 9] and difficult.tolist() == [True, False]
+
+
+def test_transform_that_normalizes_is_named():
+    records = load_vocdevkit(VOCDEVKIT, [("VOC2007", "trainval")], cache_dir=None)
+    normalizing = A.Compose([A.Resize(32, 32), A.Normalize(), ToTensorV2()],
+                            bbox_params=A.BboxParams(format="albumentations", label_fields=["labels", "difficult"]))
+    with pytest.raises(TypeError, match=r"uint8 pixels \(got torch.float32 for image '000001'\).*normalize_images"):
+        DetectionDataset(records, normalizing)[0]
 
 
 def test_use_difficult_false_removes_difficult_boxes():

@@ -1,4 +1,4 @@
-"""Augmentation: SSD training pipeline and evaluation resize (albumentations)."""
+"""Augmentation: SSD training pipeline and evaluation resize (albumentations); batch normalization."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ import torch
 from data.dataset import load_image
 from data.transforms import (
     IMAGENET_MEAN,
+    IMAGENET_STD,
     MEAN_PIXEL,
     Expand,
     ExpandCropResize,
     IoURandomCrop,
     build_eval_transform,
     build_train_transform,
+    normalize_images,
     seed_transform,
 )
 from data.voc import load_image_folder
@@ -48,7 +50,7 @@ def test_train_boxes_stay_inside_with_positive_area_over_many_draws():
         for image, boxes, labels, difficult in samples:
             out = transform(image=image, bboxes=boxes, labels=labels, difficult=difficult)
             img = out["image"]
-            assert isinstance(img, torch.Tensor) and img.shape == (3, 224, 224) and img.dtype == torch.float32
+            assert isinstance(img, torch.Tensor) and img.shape == (3, 224, 224) and img.dtype == torch.uint8
             b = np.asarray(out["bboxes"], dtype=np.float64).reshape(-1, 4)
             assert len(b) == len(out["labels"]) == len(out["difficult"])
             assert (b >= 0).all() and (b <= 1).all()
@@ -210,7 +212,7 @@ def test_image_without_boxes_passes_through_training():
         assert out["image"].shape == (3, 96, 96) and len(out["bboxes"]) == 0
 
 
-def test_eval_transform_resizes_and_normalizes_only():
+def test_eval_transform_only_resizes():
     image = np.empty((30, 40, 3), np.uint8)
     image[:] = np.array(MEAN_PIXEL, np.uint8)
     image[:, :20] = 255
@@ -219,10 +221,41 @@ def test_eval_transform_resizes_and_normalizes_only():
     np.testing.assert_allclose(np.asarray(out["bboxes"]), boxes, rtol=0, atol=1e-7)
     assert np.asarray(out["labels"]).tolist() == [3] and np.asarray(out["difficult"]).tolist() == [True]
     img = out["image"]
-    assert img.shape == (3, 80, 80)
-    white = (1.0 - np.array(IMAGENET_MEAN)) / np.array([0.229, 0.224, 0.225])
-    np.testing.assert_allclose(img[:, 40, 5].numpy(), white, rtol=1e-5)
-    assert img[:, 40, 70].abs().max() < 0.01  # the mean colour normalizes to ~0
+    assert img.shape == (3, 80, 80) and img.dtype == torch.uint8
+    assert img[:, 40, 5].tolist() == [255, 255, 255]
+    assert img[:, 40, 70].tolist() == list(MEAN_PIXEL)
+
+
+def test_normalize_images_by_hand():
+    # white (255) -> (1 - mean) / std; the mean colour (rounded to whole pixels) -> about 0
+    images = torch.stack([torch.full((3, 2, 2), 255, dtype=torch.uint8),
+                          torch.tensor(MEAN_PIXEL, dtype=torch.uint8).view(3, 1, 1).expand(3, 2, 2)])
+    out = normalize_images(images)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 2, 2)
+    white = (1.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    np.testing.assert_allclose(out[0, :, 1, 0].numpy(), white, rtol=1e-6)
+    assert out[1].abs().max() < 0.01
+
+
+def test_normalize_images_gives_albumentations_floats_for_every_pixel_value():
+    # The pipelines normalized with A.Normalize before normalization moved to the batch; the same floats
+    # keep trained models and recorded results valid. Every value 0..255 in every channel, bit for bit.
+    ramp = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)  # (256, 1, 3)
+    expected = A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0, p=1.0)(image=ramp)["image"]
+    got = normalize_images(torch.from_numpy(ramp).permute(2, 0, 1)).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(got.view(np.uint32), expected.astype(np.float32).view(np.uint32))
+
+
+def test_normalize_images_keeps_channels_last_and_checks_input():
+    images = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    out = normalize_images(images)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, normalize_images(images.contiguous()))
+    assert normalize_images(images[0]).shape == (3, 5, 7)  # one image
+    with pytest.raises(TypeError, match="uint8 images.*float32"):
+        normalize_images(images.float())
+    with pytest.raises(ValueError, match=r"\(2, 4, 5, 7\)"):
+        normalize_images(torch.zeros(2, 4, 5, 7, dtype=torch.uint8))
 
 
 def test_same_seed_same_augmentation():
@@ -243,10 +276,10 @@ def test_same_seed_same_augmentation():
 
 def test_strength_switches_and_checks():
     names = [type(t).__name__ for t in build_train_transform(64).transforms]
-    assert names == ["ExpandCropResize", "HorizontalFlip", "ColorJitter", "Normalize", "ToTensorV2"]
+    assert names == ["ExpandCropResize", "HorizontalFlip", "ColorJitter", "ToTensorV2"]
     off = build_train_transform(64, photometric=False, expand_max_ratio=1.0, random_crop=False,
                                 horizontal_flip=False)
-    assert [type(t).__name__ for t in off.transforms] == ["ExpandCropResize", "Normalize", "ToTensorV2"]
+    assert [type(t).__name__ for t in off.transforms] == ["ExpandCropResize", "ToTensorV2"]
     assert off.transforms[0].min_ious == (None,)
     geometric = build_train_transform(64, expand_max_ratio=2.5, expand_probability=0.3).transforms[0]
     assert (geometric.expand_max_ratio, geometric.expand_probability, geometric.size) == (2.5, 0.3, 64)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from data.dataset import stack_images
 from data.records import ImageRecord
+from data.transforms import normalize_images
 from utils.config import ConfigError
 from utils.distributed import DistributedContext, all_gather_objects
 from utils.ema import ModelEMA
@@ -153,7 +154,7 @@ def train_one_epoch(
     last_time = time.perf_counter()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for images, boxes, labels, _difficult in loader:
-        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        images = normalize_images(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
         boxes, labels = move_targets(boxes, labels, device)
         with autocast_context(device, amp_dtype):
             locs, scores = model(images)
@@ -297,7 +298,7 @@ def run_inference(
     shard_results: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
     progress = tqdm(loader, desc="inference", disable=not (context.is_main and show_progress), leave=False)
     for images, indices in progress:
-        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        images = normalize_images(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
         with autocast_context(device, amp_dtype):
             locs, scores = detector(images)
         per_image = detector.detect_objects(
