@@ -97,26 +97,37 @@ def to_device(batch, device: torch.device, memory_format: torch.memory_format):
     return images, boxes, labels
 
 
-def whole_loop_runner(cfg, loader, sampler, device, amp_dtype, channels_last) -> Callable[[int], None]:
-    """`run(k)` trains k more steps exactly as train.py's loop does, across epoch boundaries."""
+def loop_step(cfg, device, amp_dtype, channels_last) -> tuple[Callable[..., None], torch.memory_format]:
+    """train.py's step on a batch already on the device, and the memory format its images need.
+
+    `step(images, boxes, labels)`: forward, MultiBoxLoss, backward, optimizer and EMA step, the logged loss.
+    """
     model, memory_format, optimizer = _seeded_model(cfg, device, channels_last)
     criterion = build_criterion(cfg.loss, model).to(device)
     ema = ModelEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
 
+    def step(images: torch.Tensor, boxes: list[torch.Tensor], labels: list[torch.Tensor]) -> None:
+        with autocast_context(device, amp_dtype):
+            locs, scores = model(images)
+        loss = criterion(locs.float(), scores.float(), boxes, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.total.backward()
+        optimizer.step()
+        if ema is not None:
+            ema.update(model)
+        loss.total.item()  # the loop logs the loss every step
+
+    return step, memory_format
+
+
+def whole_loop_runner(cfg, loader, sampler, device, amp_dtype, channels_last) -> Callable[[int], None]:
+    """`run(k)` trains k more steps exactly as train.py's loop does, across epoch boundaries."""
+    step, memory_format = loop_step(cfg, device, amp_dtype, channels_last)
     stream = endless_batches(loader, sampler)
 
     def run(steps: int) -> None:
         for _ in range(steps):
-            images, boxes, labels = to_device(next(stream), device, memory_format)
-            with autocast_context(device, amp_dtype):
-                locs, scores = model(images)
-            loss = criterion(locs.float(), scores.float(), boxes, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.total.backward()
-            optimizer.step()
-            if ema is not None:
-                ema.update(model)
-            loss.total.item()  # the loop logs the loss every step
+            step(*to_device(next(stream), device, memory_format))
 
     return run
 
@@ -134,23 +145,13 @@ def data_only_runner(loader, sampler, device, channels_last) -> Callable[[int], 
 
 
 def preloaded_step_runner(cfg, batch, device, amp_dtype, channels_last) -> Callable[[int], None]:
-    """`run(k)`: k of the whole loop's steps (real loss, EMA, logged loss) on one batch kept on the device."""
-    model, memory_format, optimizer = _seeded_model(cfg, device, channels_last)
-    criterion = build_criterion(cfg.loss, model).to(device)
-    ema = ModelEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    images, boxes, labels = to_device(batch, device, memory_format)
+    """`run(k)`: k of the whole loop's steps on one batch kept on the device."""
+    step, memory_format = loop_step(cfg, device, amp_dtype, channels_last)
+    on_device = to_device(batch, device, memory_format)
 
     def run(steps: int) -> None:
         for _ in range(steps):
-            with autocast_context(device, amp_dtype):
-                locs, scores = model(images)
-            loss = criterion(locs.float(), scores.float(), boxes, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.total.backward()
-            optimizer.step()
-            if ema is not None:
-                ema.update(model)
-            loss.total.item()
+            step(*on_device)
 
     return run
 
