@@ -97,7 +97,8 @@ class TinyDetector(nn.Module):
         """Raw predictions.
 
         Args:
-            images: ``(N, 3, S, S)`` normalized images, ``S = image_size``.
+            images: ``(N, 3, S, S)`` RGB images normalized with ImageNet mean/std, ``S = image_size``
+                (the uint8 batches of the data pipeline after :func:`data.transforms.normalize_images`).
 
         Returns:
             ``(locs (N, P, 4), scores (N, P, n_classes))``: offsets and raw logits, priors in the order of
