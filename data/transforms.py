@@ -24,6 +24,7 @@ Randomness: every random draw comes from the Compose's `random_generator` / `py_
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -432,9 +433,16 @@ def normalize_images(
         raise TypeError(f"normalize_images expects uint8 images (0..255), got dtype {images.dtype}")
     if images.dim() < 3 or images.shape[-3] != 3:
         raise ValueError(f"normalize_images expects (..., 3, H, W) RGB images, got shape {tuple(images.shape)}")
-    channel = torch.tensor([mean, std], dtype=torch.float32, device=images.device).mul_(255.0)
-    offset, scale = channel[0].view(3, 1, 1), channel[1].reciprocal_().view(3, 1, 1)
+    offset, scale = _normalization_constants(tuple(mean), tuple(std), images.device)
     return images.float().sub_(offset).mul_(scale)
+
+
+@functools.lru_cache(maxsize=8)
+def _normalization_constants(mean: tuple[float, ...], std: tuple[float, ...],
+                             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Built once per device: a new tensor per batch would be a host-to-device copy, and a wait, on a GPU.
+    channel = torch.tensor([mean, std], dtype=torch.float32, device=device).mul_(255.0)
+    return channel[0].view(3, 1, 1), channel[1].reciprocal_().view(3, 1, 1)
 
 
 def seed_transform(transform: Any, seed: int | None) -> None:
