@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data.dataset import DetectionDataset, build_dataloader  # noqa: E402
 from data.sampler import ResumableSampler, SeededSamples  # noqa: E402
 from data.synthetic import generate_shapes_dataset  # noqa: E402
-from data.transforms import normalize_images  # noqa: E402
 from data.voc import load_vocdevkit  # noqa: E402
 from utils.builders import build_augmentation, build_criterion, build_model, build_optimizer  # noqa: E402
 from utils.config import load_config  # noqa: E402
@@ -46,6 +45,7 @@ from utils.ema import ModelEMA  # noqa: E402
 from utils.engine import (  # noqa: E402
     autocast_context,
     configure_cpu_training,
+    images_to_model,
     move_targets,
     resolve_amp_dtype,
     resolve_device,
@@ -92,7 +92,7 @@ def endless_batches(loader, sampler):
 def to_device(batch, device: torch.device, memory_format: torch.memory_format):
     """A loader batch moved as train.py's loop moves it: (images, boxes, labels)."""
     images, boxes, labels, _difficult = batch
-    images = normalize_images(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+    images = images_to_model(images, device, memory_format)
     boxes, labels = move_targets(boxes, labels, device)
     return images, boxes, labels
 

@@ -120,6 +120,11 @@ def move_targets(
     )
 
 
+def images_to_model(images: torch.Tensor, device: torch.device, memory_format: torch.memory_format) -> torch.Tensor:
+    """A loader batch's uint8 images as the model takes them: on `device`, normalized, in `memory_format`."""
+    return normalize_images(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,
@@ -154,7 +159,7 @@ def train_one_epoch(
     last_time = time.perf_counter()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for images, boxes, labels, _difficult in loader:
-        images = normalize_images(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+        images = images_to_model(images, device, memory_format)
         boxes, labels = move_targets(boxes, labels, device)
         with autocast_context(device, amp_dtype):
             locs, scores = model(images)
@@ -298,7 +303,7 @@ def run_inference(
     shard_results: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
     progress = tqdm(loader, desc="inference", disable=not (context.is_main and show_progress), leave=False)
     for images, indices in progress:
-        images = normalize_images(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+        images = images_to_model(images, device, memory_format)
         with autocast_context(device, amp_dtype):
             locs, scores = detector(images)
         per_image = detector.detect_objects(
