@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ def _load_coco_api(annotation_json: Path):
     for key in ("images", "annotations", "categories"):
         if not isinstance(dataset, dict) or not isinstance(dataset.get(key), list):
             raise AnnotationError(f"{annotation_json}: missing or invalid '{key}' list")
+    _check_entries(dataset, annotation_json)
     coco = COCO()
     coco.dataset = dataset
     # pycocotools prints progress lines to stdout; the log gets our own summary instead.
@@ -45,6 +47,55 @@ def _load_coco_api(annotation_json: Path):
         except (KeyError, TypeError) as exc:
             raise AnnotationError(f"{annotation_json}: malformed COCO entry (missing field {exc})") from None
     return coco
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _unique_int_ids(entries: list, what: str, annotation_json: Path) -> set[int]:
+    """The ``id`` of every entry of ``what`` ("images", "categories"); integers, each used once."""
+    ids: set[int] = set()
+    for i, entry in enumerate(entries):
+        entry_id = entry.get("id") if isinstance(entry, dict) else None
+        if not _is_int(entry_id):
+            raise AnnotationError(f"{annotation_json}: {what}[{i}] has no integer 'id' (got {entry_id!r})")
+        if entry_id in ids:
+            raise AnnotationError(f"{annotation_json}: {what} id {entry_id} is used more than once")
+        ids.add(entry_id)
+    return ids
+
+
+def _check_entries(dataset: dict, annotation_json: Path) -> None:
+    """Refuse what pycocotools would index wrongly or silently: a repeated image id would hand one image's
+    boxes to another, an annotation whose image or category id is not listed (``"1"`` is not ``1``) would
+    vanish, a bbox of another length would be regrouped with its neighbours' numbers."""
+    image_ids = _unique_int_ids(dataset["images"], "images", annotation_json)
+    category_ids = _unique_int_ids(dataset["categories"], "categories", annotation_json)
+    for category in dataset["categories"]:
+        if not isinstance(category.get("name"), str) or not category["name"].strip():
+            raise AnnotationError(f"{annotation_json}: category {category['id']} has no 'name'")
+    seen: set[int] = set()
+    for i, ann in enumerate(dataset["annotations"]):
+        ann_id = ann.get("id") if isinstance(ann, dict) else None
+        if not _is_int(ann_id) or ann_id in seen:
+            why = "is used more than once" if ann_id in seen else "is not an integer"
+            raise AnnotationError(f"{annotation_json}: annotations[{i}] id {ann_id!r} {why}")
+        seen.add(ann_id)
+        where = f"{annotation_json}: annotation {ann_id}"
+        if ann.get("image_id") not in image_ids or not _is_int(ann.get("image_id")):
+            raise AnnotationError(f"{where} refers to image_id {ann.get('image_id')!r}, which no image has")
+        if ann.get("category_id") not in category_ids or not _is_int(ann.get("category_id")):
+            raise AnnotationError(
+                f"{where} has category_id {ann.get('category_id')!r}, which is not among the categories "
+                f"{sorted(category_ids)}"
+            )
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
+            raise AnnotationError(f"{where} bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+        if ann.get("iscrowd", 0) not in (0, 1):  # also refuses "0", which bool() would read as crowd
+            raise AnnotationError(f"{where} iscrowd must be 0 or 1, got {ann['iscrowd']!r}")
 
 
 def load_coco(
@@ -93,16 +144,10 @@ def load_coco(
         anns = coco.imgToAnns.get(img_id, [])
         stats.boxes_read += len(anns)
         ann_ids = np.array([a["id"] for a in anns], dtype=np.int64)
-        try:
-            xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
-            labels = np.array([cat_to_label[a["category_id"]] for a in anns], dtype=np.int64)
-        except KeyError as exc:
-            raise AnnotationError(
-                f"{annotation_json}: an annotation of image {img_id} has an unknown category or no {exc}"
-            ) from None
-        except ValueError as exc:
-            raise AnnotationError(f"{annotation_json}: image {img_id} has a malformed bbox ({exc})") from None
-        crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
+        # _check_entries vouched for every bbox, category and iscrowd.
+        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+        labels = np.array([cat_to_label[a["category_id"]] for a in anns], dtype=np.int64)
+        crowd = np.array([a.get("iscrowd", 0) == 1 for a in anns], dtype=bool)
         boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
         bad = (xywh[:, 2] <= 0) | (xywh[:, 3] <= 0)
         clipped = boxes.copy()

@@ -91,5 +91,38 @@ def test_bad_files_name_the_file(tmp_path):
     assert len(records) == 0 and records.stats.images_skipped == 1
     data = base(tmp_path)
     data["annotations"] = [{"id": 1, "image_id": 7, "category_id": 99, "bbox": [1, 1, 2, 2]}]
-    with pytest.raises(AnnotationError, match="unknown category"):
+    with pytest.raises(AnnotationError, match=r"e\.json: annotation 1 has category_id 99, which is not among"):
         load_coco(RACCOON / "images", write_json(tmp_path / "e.json", data))
+
+
+def _annotation(**fields):
+    return {"id": 1, "image_id": 7, "category_id": 1, "bbox": [1, 1, 2, 2], "iscrowd": 0, **fields}
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        # pycocotools would index these without a word: boxes lost or given to another image.
+        (lambda d: d["annotations"].append(_annotation(image_id="7")), r"annotation 1 refers to image_id '7'"),
+        (lambda d: d["annotations"].append(_annotation(image_id=8)), r"annotation 1 refers to image_id 8"),
+        (lambda d: d["images"].append(dict(d["images"][0], file_name="other.jpg")), r"images id 7 is used more"),
+        (lambda d: d["annotations"].extend([_annotation(), _annotation()]), r"annotations\[1\] id 1 is used more"),
+        (lambda d: d["categories"].append({"id": 1, "name": "dog"}), r"categories id 1 is used more"),
+        # bool("0") is True: a string flag would have made the box a crowd one.
+        (lambda d: d["annotations"].append(_annotation(iscrowd="0")), r"annotation 1 iscrowd must be 0 or 1, got '0'"),
+        # reshape(-1, 4) would regroup the numbers of two short boxes into one.
+        (lambda d: d["annotations"].append(_annotation(bbox=[1, 2])), r"annotation 1 bbox must be 4 finite numbers"),
+        (lambda d: d["annotations"].append(_annotation(bbox=[float("nan"), 1, 2, 2])), r"annotation 1 bbox must be 4 finite numbers.*nan"),
+        (lambda d: d["annotations"].append(_annotation(bbox=[1, 1, float("inf"), 2])), r"annotation 1 bbox must be 4 finite numbers.*inf"),
+        (lambda d: d["categories"][0].pop("name"), r"category 1 has no 'name'"),
+        (lambda d: d["images"][0].update(id="7"), r"images\[0\] has no integer 'id' \(got '7'\)"),
+    ],
+)
+def test_entries_pycocotools_would_misread_are_named(tmp_path, edit, message):
+    data = base(tmp_path)
+    data["annotations"] = []
+    edit(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))  # json writes NaN and Infinity, as Python's json reads them
+    with pytest.raises(AnnotationError, match=r"bad\.json: " + message):
+        load_coco(RACCOON / "images", path)
