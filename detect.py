@@ -72,6 +72,8 @@ def resolve_inputs(pattern: str) -> list[Path]:
 
 
 def read_rgb(path: Path) -> np.ndarray:
+    # A photo is searched and drawn as it is shown, upright: OpenCV applies its EXIF orientation here,
+    # unlike data.dataset.load_image, which must keep the frame the annotations were written in.
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise InputError(f"cannot read image {path}")

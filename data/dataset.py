@@ -24,10 +24,15 @@ Batch = tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.T
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to (H, W, 3) uint8 RGB with OpenCV; ImageReadError naming the file if that fails."""
+    """Decode an image file to (H, W, 3) uint8 RGB with OpenCV; ImageReadError naming the file if that fails.
+
+    The pixels come as stored, without the EXIF orientation applied: VOC annotations (labelImg's
+    included) give boxes and `<size>` in that frame, and it is the size the loaders read from an image
+    whose XML has none. A rotated copy would misplace every box of a square image.
+    """
     path = Path(path)
     # IMREAD_COLOR also turns grey or RGBA files into 3 channels.
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:  # OpenCV reports neither a missing nor a corrupt file by exception
         if not path.is_file():
             raise ImageReadError(f"{path}: image file not found")

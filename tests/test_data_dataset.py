@@ -155,3 +155,30 @@ def test_missing_corrupt_and_resized_images_name_the_file(tmp_path):
         DetectionDataset([record], build_eval_transform(32))[0]
     rgb = load_image(write_jpeg(tmp_path / "grey.jpg", 8, 6, value=200))
     assert rgb.shape == (6, 8, 3) and rgb.dtype == np.uint8
+
+
+def test_exif_orientation_is_not_applied_so_boxes_stay_on_their_pixels(tmp_path):
+    from PIL import Image
+
+    # A 40 x 20 photo, white on its left quarter, tagged "rotate 90 degrees to view" (orientation 6).
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :10] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    image = load_image(path)
+    assert image.shape == (20, 40, 3)  # the stored frame, the one annotation tools give sizes and boxes in
+    assert image[:, :10].mean() > 240 and image[:, 12:].mean() < 15
+    (record,) = load_image_folder(*_folder_without_size(tmp_path, path), ["cat"], cache_dir=None)
+    assert (record.width, record.height) == (40, 20)
+    item = DetectionDataset([record], build_eval_transform(32))[0]
+    assert item[0].shape == (3, 32, 32)
+
+
+def _folder_without_size(tmp_path, image_path):
+    from tests.data_fixtures import write_voc_xml
+
+    images = image_path.parent
+    write_voc_xml(tmp_path / "annotations" / "rotated.xml", image_path.name, None, None, [("cat", (1, 1, 10, 20), 0)])
+    return images, tmp_path / "annotations"
