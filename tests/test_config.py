@@ -59,6 +59,15 @@ def test_unknown_section_is_named(tmp_path):
         ("eval:\n  box_voting_iou: 1.5\n", "eval.box_voting_iou"),
         ("loss:\n  matching: nearest\n", "loss.matching"),
         ("loss:\n  atss_candidates: 1\n", "loss.atss_candidates"),
+        # numpy's seed sequences take non-negative seeds only
+        ("run:\n  seed: -1\n", "'run.seed' must be a non-negative integer, got -1"),
+        ("data:\n  split_seed: -3\n", "data.split_seed"),
+        ("data:\n  synthetic:\n    seed: -1\n", "data.synthetic.seed"),
+        # one split file and a random split of the other could put training images in the test set
+        ("data:\n  format: folder\n  train_split_file: train.txt\n",
+         "'data.train_split_file' is set but 'data.test_split_file' is not"),
+        ("data:\n  format: folder\n  test_split_file: test.txt\n",
+         "'data.test_split_file' is set but 'data.train_split_file' is not"),
     ],
 )
 def test_wrong_values_name_the_key(tmp_path, text, key):

@@ -337,6 +337,19 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"config key 'eval.box_voting_iou' must be null or in (0, 1], got {voting}")
     if not 0.0 <= cfg.data.test_fraction < 1.0:
         raise ConfigError(f"config key 'data.test_fraction' must be in [0, 1), got {cfg.data.test_fraction}")
+    # numpy's seed sequences, which derive every random stream, take non-negative seeds only.
+    for key, seed in (("run.seed", cfg.run.seed), ("data.split_seed", cfg.data.split_seed),
+                      ("data.synthetic.seed", cfg.data.synthetic.seed)):
+        if seed < 0:
+            raise ConfigError(f"config key '{key}' must be a non-negative integer, got {seed}")
+    train_split, test_split = cfg.data.train_split_file, cfg.data.test_split_file
+    if cfg.data.format == "folder" and (train_split is None) != (test_split is None):
+        given, missing = (("data.train_split_file", "data.test_split_file") if test_split is None
+                          else ("data.test_split_file", "data.train_split_file"))
+        raise ConfigError(
+            f"config key '{given}' is set but '{missing}' is not: set both, or neither for a random split of "
+            "all the XML files (one split file and a random split of the other could share images)"
+        )
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
