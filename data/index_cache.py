@@ -3,7 +3,9 @@
 Parsing thousands of XML files on every run is waste; a loader computes a key with `fingerprint`
 (one `os.stat` per annotation file, far cheaper than parsing) and calls `load_or_build`. Any change of an
 annotation file (content, size or mtime), of the file list or of the loader options gives a new key, so
-a stale index is never used. Cache files are written atomically; an unreadable cache file is rebuilt.
+a stale index is never used. Files that only parsing names (the images an annotation points to) are
+checked on a hit by the loader's `still_valid`. Cache files are written atomically; an unreadable cache
+file is rebuilt.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Bump when the pickled payload changes shape so old cache files are ignored.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -54,8 +56,12 @@ def load_or_build(
     key: str,
     build: Callable[[], T],
     store: Callable[[T], bool] = lambda _value: True,
+    still_valid: Callable[[T], bool] = lambda _value: True,
 ) -> tuple[T, bool]:
     """Return (value, cache_hit): the cached value for `key`, or `build()` (then cached if `store(value)`).
+
+    A cached value for which `still_valid(value)` is false (it depends on files outside the key that
+    changed since) is rebuilt.
 
     `name` identifies the dataset (same name, different key = a stale version, removed when the new one
     is written). `cache_dir=None` disables caching. Failing to write the cache only logs a warning.
@@ -69,9 +75,12 @@ def load_or_build(
             with open(path, "rb") as f:
                 payload = pickle.load(f)
             if isinstance(payload, dict) and payload.get("key") == key:
-                logger.debug("index cache hit: %s", path)
-                return payload["value"], True
-            logger.warning("index cache %s does not hold key %s; rebuilding", path, key[:12])
+                if still_valid(payload["value"]):
+                    logger.debug("index cache hit: %s", path)
+                    return payload["value"], True
+                logger.info("index cache %s: files it was built from changed; rebuilding", path)
+            else:
+                logger.warning("index cache %s does not hold key %s; rebuilding", path, key[:12])
         except Exception as exc:  # a truncated or foreign file must not stop training: rebuild it
             logger.warning("index cache %s is unreadable (%s); rebuilding", path, exc)
     value = build()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,9 +71,12 @@ def _text(elem: ET.Element, tag: str, xml_path: Path, where: str) -> str:
 def _number(elem: ET.Element, tag: str, xml_path: Path, where: str) -> float:
     text = _text(elem, tag, xml_path, where)
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise AnnotationError(f"{xml_path}: {where} <{tag}> is not a number: {text!r}") from None
+    if not math.isfinite(value):  # float() accepts "nan" and "inf", which no pixel coordinate is
+        raise AnnotationError(f"{xml_path}: {where} <{tag}> is not a finite number: {text!r}")
+    return value
 
 
 def _flag(elem: ET.Element, tag: str, xml_path: Path, where: str) -> bool:
@@ -147,9 +151,9 @@ def _parse(
         try:
             width = int(float(size.findtext("width") or 0))
             height = int(float(size.findtext("height") or 0))
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: "inf"; int() of "nan" is a ValueError
             raise AnnotationError(
-                f"{xml_path}: <size> width/height are not numbers: "
+                f"{xml_path}: <size> width/height are not finite numbers: "
                 f"{size.findtext('width')!r} x {size.findtext('height')!r}"
             ) from None
     if width <= 0 or height <= 0:
@@ -253,23 +257,35 @@ def parse_voc_xml(
 
 
 def read_split_file(path: str | Path) -> list[str]:
-    """Ids of a split list: first token of each non-empty line (class-specific lists carry a second
-    column); a trailing image/XML extension is removed. Raises SplitFileError naming the file."""
+    """Ids of a split list, one per non-empty line; a trailing image/XML extension is removed.
+
+    A line is the whole id, spaces included (labelImg keeps file names such as ``IMG 001.jpg``), except
+    in VOC's class-specific lists, whose lines are an id and a flag of -1, 0 or 1: there the id is the
+    first column. The file is read as UTF-8, with or without a byte-order mark. Raises SplitFileError
+    naming the file when it is missing, not UTF-8, lists no id or lists one twice.
+    """
     path = Path(path)
     if not path.is_file():
         siblings = sorted(p.stem for p in path.parent.glob("*.txt")) if path.parent.is_dir() else []
         hint = f"; available: {', '.join(siblings)}" if siblings else ""
         raise SplitFileError(f"{path}: split file not found{hint}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the first id
+    except UnicodeDecodeError as exc:
+        raise SplitFileError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
     ids = []
-    for line in path.read_text().splitlines():
-        token = line.split()[0] if line.split() else ""
-        if not token:
+    for line in text.splitlines():
+        columns = line.split()
+        if not columns:
             continue
+        token = columns[0] if len(columns) == 2 and columns[1] in ("-1", "0", "1") else line.strip()
         for ext in (*IMAGE_EXTENSIONS, ".xml"):
             if token.endswith(ext):
                 token = token[: -len(ext)]
                 break
         ids.append(token)
+    if not ids:
+        raise SplitFileError(f"{path}: lists no image id")
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise SplitFileError(f"{path}: ids listed more than once: {dup}")
@@ -294,7 +310,7 @@ def _load_entries(
     if cache_dir is _USE_DEFAULT_CACHE:
         cache_dir = default_cache_dir()
 
-    def build() -> tuple[list[ImageRecord], LoadStats]:
+    def build() -> tuple[list[ImageRecord], LoadStats, str]:
         stats = LoadStats()
         records = []
         for image_id, xml_path, images_dir, image_path in entries:
@@ -312,18 +328,25 @@ def _load_entries(
             stats.merge(file_stats)
             stats.images_kept += 1
             records.append(rec)
-        return records, stats
+        return records, stats, _images_key(records)
 
     files = [e[1] for e in entries] + list(extra_files)
     layout = [(e[0], str(e[2]), str(e[3])) for e in entries]
     key = fingerprint(files, extra=(names, ignore_unknown, on_error, layout))
     # A load that skipped broken files is not cached: once the files are fixed it must be read again.
-    (records, stats), hit = load_or_build(
-        cache_dir, name, key, build, store=lambda value: value[1].images_skipped == 0
+    # The images are known only after parsing (an XML names its image, and gives the size unless the
+    # image must), so a cached index holds their fingerprint and is rebuilt when one changed or went.
+    (records, stats, _), hit = load_or_build(
+        cache_dir, name, key, build, store=lambda value: value[1].images_skipped == 0,
+        still_valid=lambda value: _images_key(value[0]) == value[2],
     )
     level = logging.WARNING if (stats.images_skipped or stats.boxes_dropped) else logging.INFO
     logger.log(level, "%s%s: %s", source, " (index cache)" if hit else "", stats.summary())
     return RecordList(records, stats, cache_hit=hit)
+
+
+def _images_key(records: Sequence[ImageRecord]) -> str:
+    return fingerprint(r.image_path for r in records)
 
 
 def _cache_name(prefix: str, *parts: object) -> str:
@@ -449,6 +472,11 @@ def load_image_folder(
                         images_dir, n_images, len(all_ids))
         ids = split_ids(all_ids, split, val_fraction, seed)
         split_desc = f"{split} (val_fraction={val_fraction}, seed={seed})"
+        if not ids:
+            raise DataError(
+                f"{annotations_dir}: the {split!r} part of a random split of {len(all_ids)} annotation files "
+                f"with val_fraction={val_fraction} is empty; change the fraction or give split files"
+            )
     entries = [(i, annotations_dir / f"{i}.xml", images_dir, None) for i in ids]
     return _load_entries(
         entries, class_names, ignore_unknown, on_error, cache_dir,

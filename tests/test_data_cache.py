@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 import data.voc as voc
+from data.errors import ImageReadError
 from data.index_cache import fingerprint, load_or_build
 from data.voc import load_image_folder, load_vocdevkit
-from tests.data_fixtures import VOCDEVKIT, labelimg_folder, write_voc_xml
+from tests.data_fixtures import VOCDEVKIT, labelimg_folder, write_jpeg, write_voc_xml
 
 
 def count_parses(monkeypatch):
@@ -117,3 +118,26 @@ def test_on_error_values(mode):
     assert load_vocdevkit(VOCDEVKIT, [("VOC2007", "val")], on_error=mode, cache_dir=None)
     with pytest.raises(ValueError, match="on_error"):
         load_vocdevkit(VOCDEVKIT, [("VOC2007", "val")], on_error="ignore", cache_dir=None)
+
+
+def test_changed_or_missing_image_invalidates_the_cache(tmp_path, monkeypatch):
+    # The XML of "a" has no <size>: its record's size comes from the image, which the key does not cover.
+    images, annotations = labelimg_folder(tmp_path / "d", {"b": (40, 30, [])})
+    write_jpeg(images / "a.jpg", 40, 30)
+    write_voc_xml(annotations / "a.xml", "a.jpg", None, None, [("cat", (1, 1, 10, 10), 0)])
+    cache = tmp_path / "cache"
+    assert not load_image_folder(images, annotations, ["cat"], cache_dir=cache).cache_hit
+    assert load_image_folder(images, annotations, ["cat"], cache_dir=cache).cache_hit
+    write_jpeg(images / "a.jpg", 80, 60)
+    st = os.stat(images / "a.jpg")
+    os.utime(images / "a.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    calls = count_parses(monkeypatch)
+    reloaded = load_image_folder(images, annotations, ["cat"], cache_dir=cache)
+    assert not reloaded.cache_hit and len(calls) == 2
+    assert (reloaded[0].width, reloaded[0].height) == (80, 60)
+    # A deleted image: the load names it (or skips it) as if there were no cache.
+    (images / "b.jpg").unlink()
+    with pytest.raises(ImageReadError, match=r"b\.xml: image not found"):
+        load_image_folder(images, annotations, ["cat"], cache_dir=cache)
+    skipped = load_image_folder(images, annotations, ["cat"], on_error="skip", cache_dir=cache)
+    assert [r.image_id for r in skipped] == ["a"] and skipped.stats.images_skipped == 1

@@ -213,3 +213,41 @@ def test_missing_size_is_read_from_the_image(tmp_path):
     (record,) = load_image_folder(tmp_path / "images", tmp_path / "annotations", ["cat"], cache_dir=None)
     assert (record.width, record.height) == (30, 12)
     assert record.boxes.tolist() == [[0, 0, 30, 12]]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e400"])
+def test_non_finite_coordinates_and_sizes_name_file_and_field(tmp_path, value):
+    # float() reads all of these; a NaN box would otherwise reach the augmentation, an infinite one be clipped.
+    images, annotations = labelimg_folder(tmp_path, {"x": (20, 20, [("cat", (1, 1, value, 5), 0)])})
+    with pytest.raises(AnnotationError, match=rf"x\.xml: object 0 \(cat\) <bndbox> <xmax> is not a finite number: '{value}'"):
+        load_image_folder(images, annotations, ["cat"], cache_dir=None)
+    write_voc_xml(annotations / "x.xml", "x.jpg", value, 20, [("cat", (1, 1, 5, 5), 0)])
+    with pytest.raises(AnnotationError, match=rf"x\.xml: <size> width/height are not finite numbers: '{value}' x '20'"):
+        load_image_folder(images, annotations, ["cat"], cache_dir=None)
+
+
+def test_split_file_encodings_and_ids_with_spaces(tmp_path):
+    split = tmp_path / "train.txt"
+    split.write_bytes("\ufeffa\r\nb\r\n".encode())  # a byte-order mark, as some Windows editors write
+    assert read_split_file(split) == ["a", "b"]
+    split.write_text("a\nb\n", encoding="utf-16")
+    with pytest.raises(SplitFileError, match=r"train\.txt: not a UTF-8 text file"):
+        read_split_file(split)
+    # labelImg keeps file names with spaces; VOC's class-specific lists are an id and a flag.
+    split.write_text("IMG 001.jpg\nIMG 002\n000005 -1\n000007  1\n")
+    assert read_split_file(split) == ["IMG 001", "IMG 002", "000005", "000007"]
+    images, annotations = labelimg_folder(tmp_path / "d", {"IMG 001": (20, 20, [("cat", (1, 1, 5, 5), 0)])})
+    split.write_text("IMG 001\n")
+    (record,) = load_image_folder(images, annotations, ["cat"], split_file=split, cache_dir=None)
+    assert record.image_id == "IMG 001" and record.image_path.name == "IMG 001.jpg"
+
+
+def test_an_empty_split_is_an_error(tmp_path):
+    split = tmp_path / "test.txt"
+    split.write_text("\n  \n")
+    with pytest.raises(SplitFileError, match=r"test\.txt: lists no image id"):
+        read_split_file(split)
+    images, annotations = labelimg_folder(tmp_path / "d", {"a": (20, 20, []), "b": (20, 20, [])})
+    # round(0.2 * 2) = 0 held-out images
+    with pytest.raises(DataError, match=r"the 'test' part of a random split of 2 annotation files with val_fraction=0.2 is empty"):
+        load_image_folder(images, annotations, ["cat"], split="test", val_fraction=0.2, cache_dir=None)
