@@ -134,6 +134,8 @@ def load_coco(
             image_path = images_dir / info["file_name"]
         except (KeyError, TypeError, ValueError) as exc:
             raise AnnotationError(f"{annotation_json}: image {img_id} has an invalid entry ({exc})") from None
+        if width <= 0 or height <= 0:  # every box would be clipped away as outside the image
+            raise AnnotationError(f"{annotation_json}: image {img_id} has size {width}x{height}")
         if not image_path.is_file():
             msg = f"{annotation_json}: image {img_id} file {image_path} not found"
             if on_error == "raise":

@@ -116,6 +116,7 @@ def _annotation(**fields):
         (lambda d: d["annotations"].append(_annotation(bbox=[1, 1, float("inf"), 2])), r"annotation 1 bbox must be 4 finite numbers.*inf"),
         (lambda d: d["categories"][0].pop("name"), r"category 1 has no 'name'"),
         (lambda d: d["images"][0].update(id="7"), r"images\[0\] has no integer 'id' \(got '7'\)"),
+        (lambda d: d["images"][0].update(width=0), r"image 7 has size 0x183"),
     ],
 )
 def test_entries_pycocotools_would_misread_are_named(tmp_path, edit, message):
