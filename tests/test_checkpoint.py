@@ -71,3 +71,29 @@ def test_rng_states_survive_a_checkpoint(tmp_path):
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1])
     assert random.random() == expected[2]
+
+
+def test_saved_checkpoints_get_the_mode_of_the_run_s_other_files(tmp_path):
+    other = tmp_path / "config.yaml"
+    other.write_text("x: 1\n")  # created under the process umask, like every other file of a run
+    atomic_save({"model": {}}, tmp_path / "last.pt")
+    assert (tmp_path / "last.pt").stat().st_mode & 0o777 == other.stat().st_mode & 0o777
+
+
+def test_a_save_removes_temporary_files_left_by_a_killed_one(tmp_path):
+    left = tmp_path / ".last.pt.abc123.tmp"  # what a process killed inside torch.save leaves
+    left.write_bytes(b"half a checkpoint")
+    other = tmp_path / ".best.pt.def456.tmp"  # another file's save may be in flight: not touched
+    other.write_bytes(b"")
+    atomic_save({"model": {}}, tmp_path / "last.pt")
+    assert not left.exists() and other.exists()
+
+
+def test_missing_entries_are_named(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"model": {}, "config": {}}, path)
+    assert load_checkpoint(path, require=("model", "config"))["config"] == {}
+    with pytest.raises(CheckpointError, match=r"weights\.pt lacks \['class_names'\]: not one that train\.py wrote$"):
+        load_checkpoint(path, require=checkpoint_module.INFERENCE_KEYS)
+    with pytest.raises(CheckpointError, match=r"lacks \['class_names', 'optimizer'.*without the state to resume"):
+        load_checkpoint(path, require=checkpoint_module.TRAINING_KEYS)

@@ -19,6 +19,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file."""
 
 
+# mkstemp creates files readable by their owner only; a checkpoint gets the mode of any other file the
+# run writes. Read once: os.umask can only be read by setting it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
     """Write `obj` with torch.save to a temp file in the same folder, fsync it, then rename over `path`.
 
@@ -33,14 +39,29 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o666 & ~_UMASK)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+    # A process killed in the middle of an earlier save left its temporary file behind.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by `atomic_save` without unpickling code objects."""
+# What train.py writes; eval.py and detect.py need only the first three.
+INFERENCE_KEYS = ("model", "config", "class_names")
+TRAINING_KEYS = (*INFERENCE_KEYS, "optimizer", "scheduler", "scaler", "ema", "epoch", "batches_done",
+                 "global_step", "best_map", "last_map", "rng")
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    require: tuple[str, ...] = ("model",)) -> dict[str, Any]:
+    """Load a checkpoint written by `atomic_save` without unpickling code objects.
+
+    Raises CheckpointError naming the file when it cannot be read or lacks one of the `require` entries
+    (INFERENCE_KEYS to evaluate or detect with it, TRAINING_KEYS to resume its run).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -55,6 +76,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} has no 'model' entry: not a Tiny-Detector checkpoint")
+    missing = [key for key in require if key not in checkpoint]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} lacks {missing}: not one that train.py wrote"
+            + (", or written without the state to resume a run" if "rng" in missing else "")
+        )
     return checkpoint
 
 
