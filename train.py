@@ -22,6 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from data.dataset import DetectionDataset, build_dataloader
+from data.errors import DataError
 from data.sampler import ResumableSampler, SeededSamples
 from data.transforms import build_eval_transform
 from model.loss import score_activation_for
@@ -34,13 +35,23 @@ from utils.builders import (
     prepare_synthetic,
 )
 from utils.checkpoint import (
+    TRAINING_KEYS,
     CheckpointError,
     atomic_save,
     collect_rng_states,
     load_checkpoint,
     restore_rng_states,
 )
-from utils.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, save_config
+from utils.config import (
+    Config,
+    ConfigError,
+    changes_refused_on_resume,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    parse_overrides,
+    save_config,
+)
 from utils.distributed import (
     all_gather_objects,
     any_rank,
@@ -128,6 +139,32 @@ def build_datasets(cfg: Config) -> tuple[DetectionDataset, DetectionDataset]:
     return train_dataset, test_dataset
 
 
+def config_for_resume(checkpoint_path: str | Path, overrides: list[str]) -> Config:
+    """The config of the run a checkpoint continues, with the overrides a resumed run may take.
+
+    Exact resume needs the run's own config. Overrides of where and how long it runs, and of how it is
+    evaluated, apply (see `utils.config.RESUMABLE_KEYS`); any other change is refused with the keys and
+    both values. The run continues in the checkpoint's folder unless `run.output_dir` or `run.name` is
+    overridden, so a copied run folder resumes into the copy.
+    """
+    checkpoint = load_checkpoint(checkpoint_path, require=TRAINING_KEYS)
+    try:
+        saved = config_from_dict(checkpoint["config"])
+    except ConfigError as error:
+        raise CheckpointError(f"checkpoint {checkpoint_path}: its saved config cannot be read: {error}") from None
+    cfg = config_from_dict(checkpoint["config"], overrides)
+    refused = changes_refused_on_resume(saved, cfg)
+    if refused:
+        raise ConfigError(
+            f"--resume {checkpoint_path}: {'; '.join(refused)}: these settings belong to the run being resumed "
+            "and cannot change; start a new run (another run.name) to train with them"
+        )
+    if not {key for key, _ in parse_overrides(overrides)} & {"run.output_dir", "run.name"}:
+        folder = Path(checkpoint_path).resolve().parent
+        cfg.run.output_dir, cfg.run.name = str(folder.parent), folder.name
+    return cfg
+
+
 def checkpoint_state(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -141,8 +178,10 @@ def checkpoint_state(
     global_step: int,
     best_map: float,
     last_map: float | None,
+    world_size: int = 1,
 ) -> dict[str, Any]:
-    """`epoch` is the 0-based epoch in progress and `batches_done` how many of its batches are done."""
+    """`epoch` is the 0-based epoch in progress and `batches_done` how many of its batches are done, by
+    each of the `world_size` processes."""
     detector = model.module if isinstance(model, DistributedDataParallel) else model
     detector = getattr(detector, "_orig_mod", detector)  # torch.compile wrapper
     return {
@@ -157,6 +196,7 @@ def checkpoint_state(
         "best_map": best_map,
         "last_map": last_map,
         "rng": collect_rng_states(),
+        "world_size": world_size,
         "config": config_to_dict(cfg),
         "class_names": list(cfg.data.classes),
     }
@@ -193,9 +233,18 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     else:
         configure_cpu_training()
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    if resume is None and (run_dir / "last.pt").exists():
+        raise ConfigError(
+            f"{run_dir} already holds a run (last.pt): continue it with --resume {run_dir / 'last.pt'}, or "
+            "give this one another run.name (or delete the folder)"
+        )
     if context.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(
+                f"config keys 'run.output_dir'/'run.name': cannot create the run folder {run_dir}: {error.strerror}"
+            ) from None
 
     torch.manual_seed(cfg.run.seed)
     # Rank 0 generates synthetic data and builds the annotation cache; the others then read it.
@@ -206,6 +255,12 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         datasets = build_datasets(cfg)
     train_dataset, test_dataset = datasets
     test_records = test_dataset.records
+    if not any((~record.difficult).any() for record in test_records):
+        # Every evaluation would give NaN, and no best.pt would ever be written.
+        raise DataError(
+            f"the test split has no box that counts for mAP ({len(test_records)} images; every box, if any, "
+            "is difficult): check the data section's test settings"
+        )
     class_names = list(cfg.data.classes)
 
     model = build_model(cfg.model, len(class_names), cfg.loss.classification).to(device)
@@ -249,11 +304,14 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     if resume is not None:
         # Loaded to the CPU, where the RNG states belong; load_state_dict moves the weights and optimizer
         # state to the model's device.
-        checkpoint = load_checkpoint(resume)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        checkpoint = load_checkpoint(resume, require=TRAINING_KEYS)
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            scaler.load_state_dict(checkpoint["scaler"])
+        except (KeyError, RuntimeError, ValueError) as error:
+            raise CheckpointError(f"{resume} does not fit the model and optimizer of this config: {error}") from None
         if ema is not None:
             if checkpoint.get("ema") is None:
                 raise CheckpointError(f"{resume} holds no EMA weights but train.ema_decay is set")
@@ -261,6 +319,13 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         restore_rng_states(checkpoint["rng"])
         start_epoch = checkpoint["epoch"]
         skip_batches = checkpoint["batches_done"]
+        saved_world_size = checkpoint.get("world_size", 1)
+        if skip_batches and saved_world_size != context.world_size:
+            # Each process skips its own share of the epoch's batches; other shares would repeat or miss samples.
+            raise CheckpointError(
+                f"{resume} was saved {skip_batches} batches into an epoch by {saved_world_size} processes; "
+                f"resume it with {saved_world_size}, not {context.world_size}"
+            )
         global_step = checkpoint["global_step"]
         best_map = checkpoint["best_map"]
         last_map = checkpoint["last_map"]
@@ -268,6 +333,9 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             "resumed from %s: epoch %d, %d batches into it, step %d", resume, start_epoch + 1, skip_batches,
             global_step,
         )  # fmt: skip
+
+    if context.is_main:  # written once the resume is known to fit, so a refused one leaves the run's as it was
+        save_config(cfg, run_dir / "config.yaml")
 
     train_model: torch.nn.Module = model
     if context.enabled:
@@ -289,7 +357,9 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         drop_last=True,
     )
 
-    metrics = MetricsLogger(run_dir, enabled=context.is_main)
+    metrics = MetricsLogger(
+        run_dir, enabled=context.is_main, resumed_at=(start_epoch, global_step) if resume is not None else None
+    )
     stop = StopRequest()
     stop.install()
 
@@ -310,7 +380,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
                 checkpoint_state(
                     model, optimizer, scheduler, scaler, ema, cfg,
                     epoch=state["epoch"], batches_done=state["batches_done"], global_step=state["global_step"],
-                    best_map=best_map, last_map=last_map,
+                    best_map=best_map, last_map=last_map, world_size=context.world_size,
                 ),
                 run_dir / name,
             )  # fmt: skip
@@ -405,8 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(True)
     try:
         if args.resume:
-            # Exact resume needs the run's own config; overrides (e.g. more epochs) still apply on top.
-            cfg = config_from_dict(load_checkpoint(args.resume)["config"], args.overrides)
+            cfg = config_for_resume(args.resume, args.overrides)
             if args.config:
                 logger.info("resuming: using the config saved in %s, not %s", args.resume, args.config)
         elif args.config:

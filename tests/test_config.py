@@ -5,6 +5,7 @@ import pytest
 from utils.config import (
     Config,
     ConfigError,
+    changes_refused_on_resume,
     config_from_dict,
     config_to_dict,
     load_config,
@@ -59,6 +60,20 @@ def test_unknown_section_is_named(tmp_path):
         ("eval:\n  box_voting_iou: 1.5\n", "eval.box_voting_iou"),
         ("loss:\n  matching: nearest\n", "loss.matching"),
         ("loss:\n  atss_candidates: 1\n", "loss.atss_candidates"),
+        # each of these used to fail deep inside training or evaluation, or to run with a meaningless value
+        ("train:\n  log_every_steps: 0\n", "'train.log_every_steps' must be at least 1, got 0"),
+        ("eval:\n  top_k: 0\n", "'eval.top_k' must be at least 1"),
+        ("data:\n  num_workers: -1\n", "'data.num_workers' must be at least 0"),
+        ("train:\n  lr: .nan\n", "'train.lr' must be a finite number"),
+        ("train:\n  momentum: -1\n", r"'train.momentum' must be in \[0.0, 1.0\), got -1"),
+        ("train:\n  ema_decay: 1.0\n", r"'train.ema_decay' must be in \(0.0, 1.0\)"),
+        ("train:\n  save_every_steps: -1\n", "'train.save_every_steps' must be at least 0"),
+        ("train:\n  weight_decay: -1\n", "'train.weight_decay' must be at least 0"),
+        ("train:\n  warmup_epochs: -1\n", "'train.warmup_epochs' must be at least 0"),
+        ("train:\n  min_lr_ratio: 5\n", r"'train.min_lr_ratio' must be in \[0.0, 1.0\]"),
+        ("eval:\n  min_score: 3\n", r"'eval.min_score' must be in \[0.0, 1.0\)"),
+        ("eval:\n  max_overlap: -5\n", r"'eval.max_overlap' must be in \(0.0, 1.0\]"),
+        ("data:\n  synthetic:\n    n_trainval: 0\n", "'data.synthetic.n_trainval' must be at least 1"),
         # numpy's seed sequences take non-negative seeds only
         ("run:\n  seed: -1\n", "'run.seed' must be a non-negative integer, got -1"),
         ("data:\n  split_seed: -3\n", "data.split_seed"),
@@ -125,3 +140,18 @@ def test_save_and_reload_round_trip(tmp_path):
     assert isinstance(config_from_dict(config_to_dict(cfg), ["train.epochs=9"]), Config)
     assert config_from_dict(config_to_dict(cfg), ["train.epochs=9"]).train.epochs == 9
     assert cfg.train.epochs == 7  # the source mapping is not modified by overrides
+
+
+def test_config_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"\xff\xfetrain:\n")
+    with pytest.raises(ConfigError, match=r"config file .*c\.yaml is not UTF-8 text"):
+        load_config(path)
+
+
+def test_resume_may_change_where_how_long_and_how_it_evaluates_nothing_else():
+    saved = load_config(None)
+    allowed = load_config(None, ["train.epochs=400", "data.root=/elsewhere", "eval.top_k=100", "train.device=cpu"])
+    assert changes_refused_on_resume(saved, allowed) == []
+    refused = load_config(None, ["train.lr=0.01", "model.width_mult=0.5", "train.epochs=400"])
+    assert changes_refused_on_resume(saved, refused) == ["model.width_mult: 1.0 -> 0.5", "train.lr: 0.001 -> 0.01"]

@@ -3,17 +3,20 @@
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import train as train_module
+from data.errors import DataError
 from tests.train_helpers import REPO, state_dicts_equal, tiny_config, tiny_overrides
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.config import load_config
 from utils.engine import NonFiniteLossError, keep_freed_memory_in_process
 
@@ -225,3 +228,106 @@ def test_offline_pretrained_weights_stop_with_instructions(tmp_path, monkeypatch
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_freed_activation_memory_stays_in_the_process_on_glibc():
     assert keep_freed_memory_in_process() is True
+
+
+def metric_records(folder):
+    """metrics.jsonl without its wall-clock fields, which differ between any two runs."""
+    lines = (Path(folder) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in ("time", "images_per_s")} for line in lines]
+
+
+def test_metrics_after_a_crash_and_resume_read_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    straight = tiny_config(tmp_path, name="straight", epochs=3)
+    train_module.train(straight, show_progress=False)
+    # Dies at the 3rd step of epoch 3, after logging steps 7 and 8 that its last.pt (step 6) lacks.
+    crashed = tiny_config(tmp_path, name="crashed", epochs=3)
+    crash_at_loss_call(monkeypatch, call_number=9)
+    with pytest.raises(SimulatedCrash):
+        train_module.train(crashed, show_progress=False)
+    monkeypatch.undo()
+    assert [r["step"] for r in metric_records(run_dir(crashed)) if r["type"] == "train"][-2:] == [7, 8]
+    assert train_module.main(["--resume", os.path.join(run_dir(crashed), "last.pt"), "--no-progress"]) == 0
+    assert metric_records(run_dir(crashed)) == metric_records(run_dir(straight))
+
+
+def test_resume_refuses_changes_that_do_not_fit_the_run_and_leaves_its_files(tmp_path, capfd):
+    cfg = tiny_config(tmp_path, name="fixed", epochs=1)
+    train_module.train(cfg, show_progress=False)
+    folder = Path(run_dir(cfg))
+    last = str(folder / "last.pt")
+    config_before, checkpoint_before = (folder / "config.yaml").read_text(), (folder / "last.pt").read_bytes()
+    for override in ("model.width_mult=0.125", "train.optimizer=sgd", "train.lr=1.0", "train.batch_size=2",
+                     "run.seed=5"):
+        capfd.readouterr()
+        assert train_module.main(["--resume", last, "--no-progress", "train.epochs=2", override]) == 2
+        key, value = override.split("=")
+        error = capfd.readouterr().err.replace("'", "")
+        assert f"{key}: " in error and f"-> {value}" in error and "cannot change" in error
+    # Nothing of the run was touched by the refused attempts.
+    assert (folder / "config.yaml").read_text() == config_before
+    assert (folder / "last.pt").read_bytes() == checkpoint_before
+    # What a resumed run may change still applies.
+    assert train_module.main(["--resume", last, "--no-progress", "train.epochs=2", "eval.top_k=50"]) == 0
+    assert load_checkpoint(last)["config"]["eval"]["top_k"] == 50 and load_checkpoint(last)["epoch"] == 2
+
+
+def test_a_copied_run_resumes_in_its_own_folder(tmp_path):
+    cfg = tiny_config(tmp_path, name="original", epochs=1)
+    train_module.train(cfg, show_progress=False)
+    original = Path(run_dir(cfg))
+    before = (original / "last.pt").read_bytes()
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(original, copy)
+    assert train_module.main(["--resume", str(copy / "last.pt"), "--no-progress", "train.epochs=2"]) == 0
+    assert (original / "last.pt").read_bytes() == before
+    assert load_checkpoint(copy / "last.pt")["epoch"] == 2
+    assert load_checkpoint(copy / "last.pt")["config"]["run"]["name"] == "copy"
+
+
+def test_a_new_run_does_not_overwrite_a_folder_holding_one(tmp_path, capfd):
+    cfg = tiny_config(tmp_path, name="taken", epochs=1)
+    train_module.train(cfg, show_progress=False)
+    before = (Path(run_dir(cfg)) / "last.pt").read_bytes()
+    argv = ["--config", str(REPO / "configs" / "demo.yaml"), "--no-progress",
+            *tiny_overrides(tmp_path, name="taken", epochs=1), "run.seed=5"]
+    capfd.readouterr()
+    assert train_module.main(argv) == 2
+    assert "already holds a run (last.pt): continue it with --resume" in capfd.readouterr().err
+    assert (Path(run_dir(cfg)) / "last.pt").read_bytes() == before
+
+
+def test_a_checkpoint_without_the_training_state_is_named(tmp_path, capfd):
+    cfg = tiny_config(tmp_path, name="weights", epochs=1)
+    train_module.train(cfg, show_progress=False)
+    checkpoint = load_checkpoint(os.path.join(run_dir(cfg), "last.pt"))
+    bare = tmp_path / "weights_only.pt"
+    torch.save({"model": checkpoint["model"]}, bare)
+    capfd.readouterr()
+    assert train_module.main(["--resume", str(bare), "--no-progress"]) == 2
+    assert f"checkpoint {bare} lacks ['config', 'class_names', 'optimizer'" in capfd.readouterr().err
+
+
+def test_a_mid_epoch_checkpoint_resumes_with_its_number_of_processes(tmp_path):
+    cfg = tiny_config(tmp_path, name="ranks", epochs=2)
+    train_module.train(cfg, show_progress=False)
+    last = Path(run_dir(cfg)) / "last.pt"
+    checkpoint = load_checkpoint(last)
+    assert checkpoint["world_size"] == 1
+    checkpoint.update(epoch=1, batches_done=1, world_size=2)
+    torch.save(checkpoint, last)
+    with pytest.raises(CheckpointError, match=r"saved 1 batches into an epoch by 2 processes; resume it with 2, not 1"):
+        train_module.train(train_module.config_for_resume(last, []), resume=str(last), show_progress=False)
+
+
+def test_a_test_split_without_countable_boxes_stops_before_training(tmp_path, monkeypatch):
+    real_build = train_module.build_datasets
+
+    def all_difficult(cfg):
+        train_dataset, test_dataset = real_build(cfg)
+        for record in test_dataset.records:
+            record.difficult[:] = True
+        return train_dataset, test_dataset
+
+    monkeypatch.setattr(train_module, "build_datasets", all_difficult)
+    with pytest.raises(DataError, match=r"the test split has no box that counts for mAP \(6 images"):
+        train_module.train(tiny_config(tmp_path, name="difficult", epochs=1), show_progress=False)

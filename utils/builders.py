@@ -20,7 +20,15 @@ from data.voc import load_image_folder, load_vocdevkit
 from model.detector import TinyDetector
 from model.loss import MultiBoxLoss
 from utils.checkpoint import CheckpointError
-from utils.config import AugmentConfig, ConfigError, DataConfig, LossConfig, ModelConfig, TrainConfig
+from utils.config import (
+    AugmentConfig,
+    ConfigError,
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    TrainConfig,
+    config_from_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -181,10 +189,14 @@ def detector_from_checkpoint(checkpoint: dict, path: str | Path, class_names: li
             f"checkpoint {path} was trained for {len(saved_classes)} classes {saved_classes}, but the config "
             f"lists {len(class_names)}: {list(class_names)}"
         )
-    saved_model = ModelConfig(**checkpoint["config"]["model"])
+    try:
+        saved = config_from_dict(checkpoint["config"])
+    except ConfigError as error:
+        raise CheckpointError(f"checkpoint {path}: its saved config cannot be read: {error}") from None
+    saved_model = saved.model
     saved_model.pretrained = False  # the checkpoint holds every weight
     saved_model.weights_path = None
-    detector = build_model(saved_model, len(saved_classes), checkpoint["config"]["loss"]["classification"])
+    detector = build_model(saved_model, len(saved_classes), saved.loss.classification)
     # The weight average is what training evaluated and selected best.pt by, so it is what gets used.
     weights = checkpoint["ema"]["module"] if checkpoint.get("ema") else checkpoint["model"]
     try:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import os
 import re
 import types
 import typing
@@ -281,9 +283,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+        except OSError as error:
+            raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
     try:
@@ -337,6 +343,37 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"config key 'eval.box_voting_iou' must be null or in (0, 1], got {voting}")
     if not 0.0 <= cfg.data.test_fraction < 1.0:
         raise ConfigError(f"config key 'data.test_fraction' must be in [0, 1), got {cfg.data.test_fraction}")
+    train, evaluation = cfg.train, cfg.eval
+    if not math.isfinite(train.lr):
+        raise ConfigError(f"config key 'train.lr' must be a finite number, got {train.lr}")
+    at_least = {
+        "train.log_every_steps": (train.log_every_steps, 1),
+        "eval.top_k": (evaluation.top_k, 1),
+        "data.num_workers": (cfg.data.num_workers, 0),
+        "train.save_every_steps": (train.save_every_steps, 0),
+        "train.eval_every_epochs": (train.eval_every_epochs, 0),
+        "train.warmup_epochs": (train.warmup_epochs, 0),
+        "train.weight_decay": (train.weight_decay, 0),
+        "data.synthetic.n_trainval": (cfg.data.synthetic.n_trainval, 1),
+        "data.synthetic.n_test": (cfg.data.synthetic.n_test, 1),
+    }
+    for key, (value, minimum) in at_least.items():
+        if not value >= minimum:  # also refuses NaN
+            raise ConfigError(f"config key '{key}' must be at least {minimum}, got {value}")
+    in_range = {  # key: (value, low, high, low included, high included)
+        "train.momentum": (train.momentum, 0.0, 1.0, True, False),
+        "train.min_lr_ratio": (train.min_lr_ratio, 0.0, 1.0, True, True),
+        "eval.min_score": (evaluation.min_score, 0.0, 1.0, True, False),
+        "eval.max_overlap": (evaluation.max_overlap, 0.0, 1.0, False, True),
+    }
+    if train.ema_decay is not None:
+        in_range["train.ema_decay"] = (train.ema_decay, 0.0, 1.0, False, False)
+    for key, (value, low, high, low_in, high_in) in in_range.items():
+        above = value >= low if low_in else value > low
+        below = value <= high if high_in else value < high
+        if not (above and below):
+            interval = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+            raise ConfigError(f"config key '{key}' must be in {interval}, got {value}")
     # numpy's seed sequences, which derive every random stream, take non-negative seeds only.
     for key, seed in (("run.seed", cfg.run.seed), ("data.split_seed", cfg.data.split_seed),
                       ("data.synthetic.seed", cfg.data.synthetic.seed)):
@@ -350,6 +387,39 @@ def _check_values(cfg: Config) -> None:
             f"config key '{given}' is set but '{missing}' is not: set both, or neither for a random split of "
             "all the XML files (one split file and a random split of the other could share images)"
         )
+
+
+# What a resumed run may change: where it writes and reads its files, the hardware and precision it runs
+# on, how long it trains, how often it evaluates, saves and logs, and how it evaluates. The rest (model,
+# loss, data and classes, augmentation, batch size, seed, optimizer and schedule) is the run the checkpoint
+# continues; with another value the weights, optimizer state or position in the epoch would not fit.
+RESUMABLE_KEYS = frozenset({
+    "run.output_dir", "run.name",
+    "data.root", "data.train_images", "data.train_annotations", "data.test_images", "data.test_annotations",
+    "data.cache_dir", "data.cache_images", "data.num_workers", "data.pin_memory", "data.persistent_workers",
+    "train.epochs", "train.device", "train.amp", "train.channels_last", "train.compile", "train.cudnn_benchmark",
+    "train.save_every_steps", "train.eval_every_epochs", "train.eval_first_epoch", "train.log_every_steps",
+    "train.stop_at_map",
+    "eval.min_score", "eval.max_overlap", "eval.top_k", "eval.box_voting_iou", "eval.batch_size",
+    "eval.coco_metrics",
+})  # fmt: skip
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changes_refused_on_resume(saved: Config, new: Config) -> list[str]:
+    """``"key: saved -> new"`` for every setting outside RESUMABLE_KEYS that differs between the configs."""
+    before, after = _flat(config_to_dict(saved)), _flat(config_to_dict(new))
+    return [f"{key}: {before[key]!r} -> {after[key]!r}" for key in before
+            if key not in RESUMABLE_KEYS and before[key] != after[key]]
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -367,4 +437,8 @@ def config_from_dict(tree: dict[str, Any], overrides: list[str] | None = None) -
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write the config as YAML, through a temporary file renamed over `path`: never half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

@@ -12,20 +12,55 @@ logger = logging.getLogger(__name__)
 
 
 class MetricsLogger:
-    """Appends to `<run_dir>/metrics.jsonl`; resumed runs keep adding to the same file."""
+    """Appends to `<run_dir>/metrics.jsonl`.
 
-    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
+    A new run starts the file anew. A resumed run keeps the records up to its checkpoint and drops the
+    ones the interrupted run logged after it, which the resumed run logs again: the file then reads as
+    that of a run never interrupted.
+
+    Args:
+        run_dir: the run's folder.
+        enabled: False on the processes that do not log (all but rank 0).
+        resumed_at: ``(epochs done, global step)`` of the checkpoint a run resumed from, or None.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool = True, resumed_at: tuple[int, int] | None = None) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._writer = None
         if not enabled:
             return
+        self._start_file(resumed_at)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
             logger.info("tensorboard not installed: metrics go to %s only", self.path)
         else:
             self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def _start_file(self, resumed_at: tuple[int, int] | None) -> None:
+        if not self.path.exists():
+            return
+        kept: list[str] = []
+        if resumed_at is not None:
+            epochs_done, step = resumed_at
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # the last line of a process killed while writing it
+                    continue
+                # An evaluation is logged with the number of epochs done; one logged after a checkpoint
+                # taken on the epoch's last step (step equal, epochs done one short) comes again.
+                after = record.get("step", 0) > step or (
+                    record.get("type") == "eval" and record.get("epoch", 0) > epochs_done
+                )
+                if not after:
+                    kept.append(line)
+        else:
+            logger.info("%s: a new run starts the file anew", self.path)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        tmp.replace(self.path)
 
     def _append(self, record: dict[str, Any]) -> None:
         record["time"] = round(time.time(), 3)
