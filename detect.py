@@ -2,6 +2,12 @@
 
     python detect.py --checkpoint checkpoints/demo/best.pt --input photo.jpg
     python detect.py --checkpoint checkpoints/voc/best.pt --input "photos/*.jpg" --output-dir out --min-score 0.4
+
+Each image's drawing is <output-dir>/<name>_detections.jpg. Inputs from several folders (a glob such as
+"trips/*/x.jpg") keep their folders below the deepest folder they share, so trips/a/x.jpg and trips/b/x.jpg
+become <output-dir>/a/x_detections.jpg and <output-dir>/b/x_detections.jpg; two images of one folder that
+differ only in extension keep it (x_jpg_detections.jpg, x_png_detections.jpg), and a name still taken
+(x.JPG beside x.jpg) gets a number (x_JPG_2_detections.jpg). detections.json lists each image with its output.
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ import argparse
 import glob
 import json
 import logging
+import os
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +29,10 @@ import torch
 from data.transforms import build_eval_transform, normalize_images
 from model.loss import score_activation_for
 from utils.builders import detector_from_checkpoint
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import INFERENCE_KEYS, load_checkpoint
 from utils.engine import resolve_device
 from utils.errors import USER_ERRORS
+from utils.output_dir import prepare_output_dir
 
 logger = logging.getLogger("detect")
 
@@ -31,7 +40,36 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 class InputError(ValueError):
-    """An input path that names no readable image."""
+    """An input path that names no readable image, or an output file that cannot be written."""
+
+
+def number(text: str, kind: type[float] | type[int]) -> float:
+    try:
+        return kind(text)
+    except ValueError:
+        expected = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
+def score_threshold(text: str) -> float:
+    value = number(text, float)
+    if not 0.0 <= value < 1.0:  # also refuses NaN; no score is above 1, so 1 would keep nothing
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def overlap_threshold(text: str) -> float:
+    value = number(text, float)
+    if not 0.0 < value <= 1.0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(number(text, int))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,10 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", required=True, help="a best.pt/last.pt written by train.py")
     parser.add_argument("--input", required=True, help="an image file, a folder of images, or a quoted glob")
-    parser.add_argument("--output-dir", default="detections", help="where drawn images and detections.json go")
-    parser.add_argument("--min-score", type=float, default=0.4, help="lowest score drawn and reported")
-    parser.add_argument("--max-overlap", type=float, default=0.45, help="NMS IoU threshold")
-    parser.add_argument("--top-k", type=int, default=200, help="most detections kept per image")
+    parser.add_argument(
+        "--output-dir", default="detections",
+        help="where the drawn images (<name>_detections.jpg; inputs from several folders keep their folders "
+        "below the one they share) and detections.json go",
+    )  # fmt: skip
+    parser.add_argument(
+        "--min-score", type=score_threshold, default=0.4,
+        help="lowest score drawn and reported, in [0, 1): a detection needs a score strictly above it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-overlap", type=overlap_threshold, default=0.45,
+        help="NMS IoU threshold in (0, 1]: a box overlapping a higher-scored box of its class by more is dropped",
+    )  # fmt: skip
+    parser.add_argument("--top-k", type=positive_int, default=200, help="most detections kept per image (>= 1)")
     parser.add_argument(
         "--box-voting-iou", type=float, default=None,
         help="box voting IoU (0 turns it off); default: the checkpoint config's eval.box_voting_iou. The voters "
@@ -69,6 +117,23 @@ def resolve_inputs(pattern: str) -> list[Path]:
     if not files:
         raise InputError(f"--input {pattern!r}: no image files found")
     return files
+
+
+def output_names(files: list[Path]) -> list[Path]:
+    """Each input's drawing, relative to the output folder: unique even where file names repeat."""
+    folders = [Path(os.path.abspath(path.parent)) for path in files]
+    shared = Path(os.path.commonpath(folders))
+    # Lower case, because two names that differ only in case are one file on macOS and Windows.
+    stems = Counter((folder, path.stem.lower()) for folder, path in zip(folders, files, strict=True))
+    names, taken = [], set()
+    for folder, path in zip(folders, files, strict=True):
+        base = path.stem if stems[folder, path.stem.lower()] == 1 else f"{path.stem}_{path.suffix[1:]}"
+        name, n = folder.relative_to(shared) / f"{base}_detections.jpg", 2
+        while str(name).lower() in taken:  # only names such as x.JPG beside x.jpg get here
+            name, n = folder.relative_to(shared) / f"{base}_{n}_detections.jpg", n + 1
+        taken.add(str(name).lower())
+        names.append(name)
+    return names
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -127,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         files = resolve_inputs(args.input)
-        checkpoint = load_checkpoint(args.checkpoint)
+        checkpoint = load_checkpoint(args.checkpoint, require=INFERENCE_KEYS)
         class_names = list(checkpoint["class_names"])
-        device = resolve_device(args.device)
+        device = resolve_device(args.device, "--device")
         detector = detector_from_checkpoint(checkpoint, args.checkpoint).to(device).eval()
         transform = build_eval_transform(detector.image_size)
         activation = score_activation_for(checkpoint["config"]["loss"]["classification"])
@@ -139,19 +204,21 @@ def main(argv: list[str] | None = None) -> int:
         if box_voting_iou is not None and not 0.0 <= box_voting_iou <= 1.0:
             raise InputError(f"--box-voting-iou must be in [0, 1] (0 turns voting off), got {box_voting_iou}")
         box_voting_iou = box_voting_iou or None
-        output_dir = Path(args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
+        output_dir = prepare_output_dir(Path(args.output_dir))
         report = []
-        for path in files:
+        for path, name in zip(files, output_names(files), strict=True):
             image = read_rgb(path)
             found = detect_image(detector, transform, image, device, args, class_names, activation, box_voting_iou)
-            drawn_path = output_dir / f"{path.stem}_detections.jpg"
+            drawn_path = prepare_output_dir(output_dir / name.parent, "output subfolder") / name.name
             if not cv2.imwrite(str(drawn_path), draw_detections(image, found)):
                 raise InputError(f"cannot write {drawn_path}")
             report.append({"image": str(path), "width": image.shape[1], "height": image.shape[0],
                            "output": str(drawn_path), "detections": found})  # fmt: skip
             logger.info("%s: %d detections -> %s", path, len(found), drawn_path)
-        (output_dir / "detections.json").write_text(json.dumps(report, indent=2))
+        try:
+            (output_dir / "detections.json").write_text(json.dumps(report, indent=2))
+        except OSError as error:
+            raise InputError(f"cannot write {output_dir / 'detections.json'}: {error.strerror or error}") from error
         print(f"wrote {len(files)} images and {output_dir / 'detections.json'}")
     except (InputError, *USER_ERRORS) as error:
         logger.error("%s", error)

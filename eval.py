@@ -21,12 +21,13 @@ from data.dataset import DetectionDataset
 from data.transforms import build_eval_transform
 from model.loss import score_activation_for
 from utils.builders import detector_from_checkpoint, load_split_records, prepare_synthetic
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import INFERENCE_KEYS, load_checkpoint
 from utils.config import load_config
 from utils.distributed import DistributedContext
 from utils.engine import resolve_amp_dtype, resolve_device, run_inference
 from utils.errors import USER_ERRORS
-from utils.evaluation import EvaluationResult, evaluate_detections
+from utils.evaluation import EvaluationResult, check_countable_boxes, evaluate_detections
+from utils.output_dir import prepare_output_dir
 from utils.pr_curves import plot_pr_curves
 from utils.voc_results import read_voc_results, write_voc_results
 
@@ -54,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint, or the results dir itself)",
     )
     parser.add_argument("--no-coco", action="store_true", help="skip the COCO-style metrics")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the config's train.device)")
+    parser.add_argument(
+        "--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's train.device)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return parser
 
@@ -101,15 +104,22 @@ def main(argv: list[str] | None = None) -> int:
         class_names = list(cfg.data.classes)
         prepare_synthetic(cfg.data)
         records = load_split_records(cfg.data, "test")
+        check_countable_boxes(records, "test split")
+        output_flag = "--output-dir" if args.output_dir else "output folder (default of --output-dir)"
         if args.results_dir:
             results_dir = Path(args.results_dir)
             detections = read_voc_results(results_dir, class_names, [r.image_id for r in records])
-            output_dir = Path(args.output_dir) if args.output_dir else results_dir
+            output_dir = prepare_output_dir(Path(args.output_dir or results_dir), output_flag)
             extra = {"results_dir": str(results_dir)}
         else:
-            device = resolve_device(args.device or cfg.train.device)
-            checkpoint = load_checkpoint(args.checkpoint, map_location="cpu")
+            if args.device is None:
+                device = resolve_device(cfg.train.device)
+            else:
+                device = resolve_device(args.device, "--device")
+            checkpoint = load_checkpoint(args.checkpoint, map_location="cpu", require=INFERENCE_KEYS)
             detector = detector_from_checkpoint(checkpoint, args.checkpoint, class_names).to(device)
+            default_dir = Path(args.checkpoint).parent / "eval"
+            output_dir = prepare_output_dir(Path(args.output_dir or default_dir), output_flag)
             channels_last = cfg.train.channels_last
             if channels_last:
                 detector = detector.to(memory_format=torch.channels_last)
@@ -124,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
                 activation=score_activation_for(checkpoint["config"]["loss"]["classification"]),
                 box_voting_iou=cfg.eval.box_voting_iou,
             )  # fmt: skip
-            output_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent / "eval"
             write_voc_results(output_dir, detections, class_names)
             extra = {"checkpoint": str(args.checkpoint), "epoch": checkpoint.get("epoch")}
         result = evaluate_detections(detections, records, class_names, coco=cfg.eval.coco_metrics and not args.no_coco)

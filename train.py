@@ -22,7 +22,6 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from data.dataset import DetectionDataset, build_dataloader
-from data.errors import DataError
 from data.sampler import ResumableSampler, SeededSamples
 from data.transforms import build_eval_transform
 from model.loss import score_activation_for
@@ -70,7 +69,7 @@ from utils.engine import (
     train_one_epoch,
 )
 from utils.errors import USER_ERRORS
-from utils.evaluation import evaluate_detections
+from utils.evaluation import check_countable_boxes, evaluate_detections
 from utils.metrics_log import MetricsLogger
 
 logger = logging.getLogger("train")
@@ -255,12 +254,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         datasets = build_datasets(cfg)
     train_dataset, test_dataset = datasets
     test_records = test_dataset.records
-    if not any((~record.difficult).any() for record in test_records):
-        # Every evaluation would give NaN, and no best.pt would ever be written.
-        raise DataError(
-            f"the test split has no box that counts for mAP ({len(test_records)} images; every box, if any, "
-            "is difficult): check the data section's test settings"
-        )
+    check_countable_boxes(test_records, "test split")
     class_names = list(cfg.data.classes)
 
     model = build_model(cfg.model, len(class_names), cfg.loss.classification).to(device)

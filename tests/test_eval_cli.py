@@ -131,3 +131,87 @@ def test_detect_box_voting_moves_boxes_not_scores(trained, tmp_path, capfd):
                                str(tmp_path / "bad"), "--box-voting-iou", "1.5"])
     assert code == 2
     assert "--box-voting-iou" in capfd.readouterr().err
+
+
+def test_bad_device_is_named_by_its_source(trained, monkeypatch, capfd):
+    best = str(trained["best"])
+    assert eval_module.main(["--config", DEMO, "--checkpoint", best, "--device", "gpu", *trained["overrides"]]) == 2
+    assert "--device is 'gpu'" in capfd.readouterr().err
+    assert eval_module.main(["--config", DEMO, "--checkpoint", best, *trained["overrides"], "train.device=gpu"]) == 2
+    assert "config key 'train.device' is 'gpu'" in capfd.readouterr().err
+    image = sorted((trained["root"] / "shapes" / "VOCdevkit" / "SHAPES" / "JPEGImages").glob("*.jpg"))[0]
+    assert detect_module.main(["--checkpoint", best, "--input", str(image), "--device", "gpu"]) == 2
+    assert "--device is 'gpu'" in capfd.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert detect_module.main(["--checkpoint", best, "--input", str(image), "--device", "cuda"]) == 2
+    err = capfd.readouterr().err
+    assert "--device is 'cuda' but CUDA is not available" in err
+    assert "train.device" not in err
+
+
+def test_output_dir_that_cannot_be_a_folder_is_named(trained, tmp_path, capfd):
+    a_file = tmp_path / "afile"
+    a_file.write_text("keep me")
+    image = sorted((trained["root"] / "shapes" / "VOCdevkit" / "SHAPES" / "JPEGImages").glob("*.jpg"))[0]
+    for out, reason in ((a_file, "is an existing file"), (a_file / "sub", "cannot create the folder")):
+        code = eval_module.main(["--config", DEMO, "--checkpoint", str(trained["best"]), "--output-dir", str(out),
+                                 "--no-coco", *trained["overrides"]])  # fmt: skip
+        assert code == 2
+        err = capfd.readouterr().err
+        assert f"--output-dir {str(out)!r}" in err and reason in err
+        code = detect_module.main(["--checkpoint", str(trained["best"]), "--input", str(image), "--output-dir",
+                                   str(out)])  # fmt: skip
+        assert code == 2
+        err = capfd.readouterr().err
+        assert f"--output-dir {str(out)!r}" in err and reason in err
+    assert a_file.read_text() == "keep me"
+
+
+def test_detect_keeps_same_named_images_apart(trained, tmp_path):
+    images = sorted((trained["root"] / "shapes" / "VOCdevkit" / "SHAPES" / "JPEGImages").glob("*.jpg"))[:2]
+    for folder, image in zip("ab", images, strict=True):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+        (tmp_path / "in" / folder / "x.jpg").write_bytes(image.read_bytes())
+    out = tmp_path / "out"
+    code = detect_module.main(["--checkpoint", str(trained["best"]), "--input", str(tmp_path / "in" / "*" / "x.jpg"),
+                               "--output-dir", str(out), "--min-score", "0.0", "--top-k", "5"])  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "detections.json").read_text())
+    assert [entry["output"] for entry in report] == [str(out / "a" / "x_detections.jpg"),
+                                                     str(out / "b" / "x_detections.jpg")]  # fmt: skip
+    drawn = [cv2.imread(entry["output"]).astype(int) for entry in report]
+    originals = [cv2.imread(str(image)).astype(int) for image in images]
+    # Each drawing is of its own image: closer to it than to the other input.
+    for mine, other, picture in zip(originals, originals[::-1], drawn, strict=True):
+        assert np.abs(picture - mine).mean() < np.abs(picture - other).mean()
+
+
+def test_a_checkpoint_without_classes_or_config_is_named(trained, tmp_path, capfd):
+    checkpoint = load_checkpoint(trained["best"])
+    bare = tmp_path / "bare.pt"
+    torch.save({"model": checkpoint["model"], "config": checkpoint["config"]}, bare)
+    capfd.readouterr()
+    assert eval_module.main(["--config", DEMO, "--checkpoint", str(bare), "--output-dir", str(tmp_path / "e"),
+                             *trained["overrides"]]) == 2  # fmt: skip
+    image = tmp_path / "photo.jpg"
+    cv2.imwrite(str(image), np.zeros((32, 32, 3), np.uint8))
+    assert detect_module.main(["--checkpoint", str(bare), "--input", str(image),
+                               "--output-dir", str(tmp_path / "d")]) == 2  # fmt: skip
+    err = capfd.readouterr().err
+    assert err.count(f"checkpoint {bare} lacks ['class_names']") == 2
+
+
+def test_eval_of_a_split_without_countable_boxes_is_named(trained, tmp_path, capfd, monkeypatch):
+    real = eval_module.load_split_records
+
+    def all_difficult(data, split):
+        records = real(data, split)
+        for record in records:
+            record.difficult[:] = True
+        return records
+
+    monkeypatch.setattr(eval_module, "load_split_records", all_difficult)
+    capfd.readouterr()
+    assert eval_module.main(["--config", DEMO, "--checkpoint", str(trained["best"]), "--output-dir",
+                             str(tmp_path / "e"), *trained["overrides"]]) == 2  # fmt: skip
+    assert "the test split has no box that counts for mAP" in capfd.readouterr().err

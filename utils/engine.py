@@ -30,12 +30,23 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stops and keeps the last good checkpoint."""
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, source: str = "config key 'train.device'") -> torch.device:
+    """The torch device for `name` ('auto', 'cpu', 'cuda' or 'cuda:N'); `source` names where the value came from
+    (a config key or a command-line flag) in the ConfigError raised for a value this machine cannot use."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(f"{source} is {name!r}, expected auto, cpu, cuda or cuda:N") from error
+    # Other torch device types (meta, mps, xpu, ...) would fail, or silently compute nothing, deep inside the
+    # model and the loaders, which are written for these two.
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{source} is {name!r}, expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"config key 'train.device' is {name!r} but CUDA is not available on this machine")
+        raise ConfigError(f"{source} is {name!r} but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{source} is {name!r} but this machine has only {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

@@ -10,6 +10,7 @@ from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
 from utils.engine import NonFiniteLossError
 from utils.matching import TargetError
+from utils.output_dir import OutputDirError
 from utils.voc_eval import EvaluationInputError
 from utils.voc_results import ResultsFormatError
 
@@ -21,6 +22,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     LossInputError,
     ModelConfigError,
     NonFiniteLossError,
+    OutputDirError,
     PriorConfigError,
     ResultsFormatError,
     TargetError,

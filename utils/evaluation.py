@@ -5,10 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from data.errors import DataError
 from data.records import ImageRecord
 from utils.coco_eval import evaluate_coco
 from utils.engine import ground_truth_from_records
 from utils.voc_eval import ImageDetections, VOCResult, evaluate_voc
+
+
+def check_countable_boxes(records: list[ImageRecord], split: str) -> None:
+    """DataError unless some image of the split has a box that is not difficult: the only kind mAP
+    counts. Without one every AP is undefined (NaN), and training would never write a best.pt."""
+    if not any((~record.difficult).any() for record in records):
+        raise DataError(
+            f"the {split} has no box that counts for mAP ({len(records)} images; every box, if any, is "
+            "difficult): check the data section's test settings"
+        )
 
 
 @dataclass
