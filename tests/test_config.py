@@ -130,6 +130,13 @@ def test_override_errors_name_the_key(tmp_path):
         load_config(path, ["train.epochs.x=1"])
     with pytest.raises(ConfigError, match="is not a section"):
         load_config(write(tmp_path, "train:\n  epochs: 3\n"), ["train.epochs.x=1"])
+    # The message says whether the file or the command line holds the bad value.
+    with pytest.raises(ConfigError, match=r"train\.epochs.* \(overrides of .*run\.yaml\)$"):
+        load_config(path, ["train.epochs=two"])
+    with pytest.raises(ConfigError, match=r"train\.epochs.* \(.*bad\.yaml\)$"):
+        load_config(write(tmp_path, "train:\n  epochs: two\n", name="bad.yaml"), ["train.lr=0.1"])
+    with pytest.raises(ConfigError, match=r"^override 'train\.epochs' must look like section\.key=value$"):
+        load_config(path, ["train.epochs"])
 
 
 def test_save_and_reload_round_trip(tmp_path):

@@ -292,11 +292,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
+    parse_overrides(overrides or [])  # a malformed override is named as it is, not as part of the file
     try:
         cfg = config_from_dict(tree, overrides)
     except ConfigError as error:
-        where = f" ({path})" if path is not None else ""
-        raise ConfigError(f"{error}{where}") from None
+        if path is None:
+            raise
+        # Say where the bad value came from: the file, or an override on the command line.
+        try:
+            config_from_dict(tree)
+        except ConfigError:
+            where = str(path)
+        else:
+            where = f"overrides of {path}"
+        raise ConfigError(f"{error} ({where})") from None
     if not cfg.run.name:
         cfg.run.name = Path(path).stem if path is not None else "run"
     return cfg
