@@ -461,3 +461,41 @@ def test_rejects_bad_arrays_and_threshold():
         evaluate_voc([], [], ["cat"], iou_threshold=0.0)
     with pytest.raises(EvaluationInputError, match="class_names is empty"):
         evaluate_voc([], [], [])
+
+
+def test_voc_ap_11_point_of_a_perfect_curve_is_exactly_one():
+    # Eleven additions of 1/11 make 1.0000000000000002, which a metrics file would then report.
+    assert voc_ap(np.array([1.0]), np.array([1.0]), use_07_metric=True) == 1.0
+
+
+def test_tie_break_orders_equal_scores_within_a_class():
+    ground_truth = [gt_image("1", [[11, 11, 40, 40]], [1]), gt_image("2", [[11, 11, 40, 40]], [1])]
+    hit, miss = [[11, 11, 40, 40]], [[60, 60, 90, 90]]
+    # The same two equal-scored detections: a miss in image 1, a hit in image 2.
+    def detections(tie_breaks):
+        return [ImageDetections("1", np.array(miss, float), np.array([1]), np.array([0.5]), tie_breaks[0]),
+                ImageDetections("2", np.array(hit, float), np.array([1]), np.array([0.5]), tie_breaks[1])]
+
+    # Input order: the miss ranks first, precision 1/2 at recall 1/2.
+    assert evaluate_voc(detections([None, None]), ground_truth, ["a"]).voc12_map == pytest.approx(0.25)
+    # A tie-break that puts the hit first (as its line would in a results file): precision 1 at recall 1/2.
+    ranked = detections([np.array([1]), np.array([0])])
+    assert evaluate_voc(ranked, ground_truth, ["a"]).voc12_map == pytest.approx(0.5)
+    with pytest.raises(EvaluationInputError, match="either every ImageDetections has a tie_break or none"):
+        evaluate_voc(detections([np.array([1]), None]), ground_truth, ["a"])
+
+
+def test_a_perfect_detection_of_a_box_under_one_pixel_wide_scores_one():
+    from pathlib import Path
+
+    from data.records import ImageRecord
+    from utils.engine import ground_truth_from_records, to_devkit_boxes
+
+    # COCO boxes keep any positive width, and clipping at the border leaves slivers like the first one.
+    boxes = np.array([[99.6, 10, 100, 40], [20, 10, 20.5, 40], [50, 50, 70, 70]], np.float32)
+    record = ImageRecord("1", Path("1.jpg"), 100, 100, boxes, np.array([1, 1, 1]), np.zeros(3, bool))
+    (truth,) = ground_truth_from_records([record])
+    detected = to_devkit_boxes(boxes / np.float32(100), 100, 100)
+    np.testing.assert_allclose(detected, truth.boxes, atol=1e-4)
+    result = evaluate_voc([det_image("1", detected, [1, 1, 1], [0.9, 0.8, 0.7])], [truth], ["a"])
+    assert result.voc07_map == 1.0 and result.voc12_map == 1.0

@@ -230,9 +230,9 @@ def to_devkit_boxes(boxes_frac: np.ndarray, width: int, height: int) -> np.ndarr
     scale = np.array([width, height, width, height], dtype=np.float64)
     pixels = boxes_frac.astype(np.float64) * scale
     devkit = pixels.copy()
+    # A box thinner than one pixel comes out with xmax between xmin - 1 and xmin: still a valid devkit box,
+    # written the same way as ground truth of that width, so a perfect detection of it has IoU 1.
     devkit[:, :2] += 1.0
-    # A box thinner than one pixel would come out inverted in the 1-based form; keep it a single pixel.
-    devkit[:, 2:] = np.maximum(devkit[:, 2:], devkit[:, :2])
     return devkit
 
 
