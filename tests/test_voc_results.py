@@ -190,3 +190,15 @@ def test_plot_pr_curves_writes_grid_png(tmp_path):
     one_gt = ImageGroundTruth("x", np.array([[1.0, 1, 5, 5]]), np.array([1]), np.array([False]), 10, 10)
     small = plot_pr_curves(evaluate_voc([], [one_gt], ["only"]), tmp_path / "one.png")
     assert _png_size(small) == (300, 260)
+
+
+def test_equal_scores_rank_in_file_order_as_in_the_devkit(tmp_path):
+    # Lines as another detector might write them, scores rounded to 3 decimals: image 2's hit first.
+    (tmp_path / results_file_name("a")).write_text("000002 0.500 11 11 40 40\n000001 0.500 60 60 90 90\n")
+    ground_truth = [
+        ImageGroundTruth(i, np.array([[11.0, 11, 40, 40]]), np.array([1]), np.array([False]), 100, 100)
+        for i in ("000001", "000002")
+    ]
+    detections = read_voc_results(tmp_path, ["a"], ["000001", "000002"])
+    result = evaluate_voc(detections, ground_truth, ["a"])
+    assert result.voc12_map == pytest.approx(0.5) and result.voc07_map == pytest.approx(6 / 11)

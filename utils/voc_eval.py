@@ -122,13 +122,16 @@ class ImageDetections:
     """Detections of one image in devkit form.
 
     boxes: (k, 4) float64 1-based inclusive pixel (xmin, ymin, xmax, ymax); labels: (k,) int64 in
-    1..C-1; scores: (k,) float64. Any order; ties in score keep this order when ranked.
+    1..C-1; scores: (k,) float64. Any order. Equal scores of a class rank in the order of `tie_break`
+    ((k,) int64, lower first: `read_voc_results` gives each line's position in its class file, the order
+    the devkit keeps) or, when no detection has one, in input order.
     """
 
     image_id: str
     boxes: np.ndarray
     labels: np.ndarray
     scores: np.ndarray
+    tie_break: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.image_id = str(self.image_id)
@@ -136,6 +139,8 @@ class ImageDetections:
         k = self.boxes.shape[0]
         self.labels = _as_vector(self.labels, k, np.int64, self.image_id, "detection labels")
         self.scores = _as_vector(self.scores, k, np.float64, self.image_id, "detection scores")
+        if self.tie_break is not None:
+            self.tie_break = _as_vector(self.tie_break, k, np.int64, self.image_id, "detection tie_break")
 
 
 def _json_float(value: float) -> float | None:
@@ -228,11 +233,11 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> fl
             f"recall and precision must be 1-D arrays of equal length, got {rec.shape} and {prec.shape}"
         )
     if use_07_metric:
-        ap = 0.0
+        maxima = []
         for t in np.arange(11) / 10.0:  # exact k/10, see the module docstring
             above = prec[rec >= t]
-            ap += (float(above.max()) if above.size else 0.0) / 11.0
-        return ap
+            maxima.append(float(above.max()) if above.size else 0.0)
+        return sum(maxima) / 11.0  # eleven additions of 1/11 would give 1.0000000000000002
     mrec = np.concatenate(([0.0], rec, [1.0]))
     mpre = np.concatenate(([0.0], prec, [0.0]))
     mpre = np.maximum.accumulate(mpre[::-1])[::-1]
@@ -392,9 +397,16 @@ def evaluate_voc(
     det_image = np.repeat(det_owner, [d.labels.shape[0] for d in detections])
     _check_labels(det_labels, det_image, image_ids, n_classes, "detection")
 
-    # Rank once for all classes: by score descending, then (stable again) by class, so equal scores keep
-    # their input order. The smallest label dtype lets numpy use its radix sort for the second pass.
-    ranked = np.argsort(-det_scores, kind="stable")
+    # Rank once for all classes, in stable passes: by tie-break, by score descending, then by class, so equal
+    # scores of a class keep the tie-break (else input) order. The smallest label dtype lets numpy use its
+    # radix sort for the last pass.
+    given = [d.tie_break is not None for d in detections]
+    if any(given) and not all(given):
+        raise EvaluationInputError("either every ImageDetections has a tie_break or none has")
+    ranked = np.arange(det_scores.shape[0])
+    if detections and all(given):
+        ranked = np.argsort(_concat([d.tie_break for d in detections], (0,), np.int64), kind="stable")
+    ranked = ranked[np.argsort(-det_scores[ranked], kind="stable")]
     ranked = ranked[np.argsort(det_labels[ranked].astype(np.min_scalar_type(n_classes)), kind="stable")]
     det_boxes, det_labels, det_image = det_boxes[ranked], det_labels[ranked], det_image[ranked]
     true_positive, ignored = _match(

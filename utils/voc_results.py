@@ -188,7 +188,8 @@ def read_voc_results(
 
     Returns one ImageDetections per id of `known_image_ids`, in that order (empty where an image has no
     detection), boxes in devkit 1-based pixels, labels 1..len(class_names). Inside an image, detections
-    keep class order, then file order. Raises ResultsFormatError naming the file (and line) for a missing
+    keep class order, then file order; each carries its line's position in its class file as `tie_break`,
+    so that `evaluate_voc` ranks equal scores in file order, as the devkit does. Raises ResultsFormatError naming the file (and line) for a missing
     directory or class file, lines without exactly 6 fields, values that are not finite numbers, boxes
     with xmax < xmin - 1 or ymax < ymin - 1, and image ids not in `known_image_ids`.
     """
@@ -203,13 +204,14 @@ def read_voc_results(
         raise ResultsFormatError(f"known_image_ids lists {duplicate!r} more than once")
 
     id_width = max(map(len, image_ids), default=0) + 1
-    images, scores, boxes, labels = [], [], [], []
+    images, scores, boxes, labels, lines = [], [], [], [], []
     for label, name in enumerate(names, start=1):
         image, score, box = _parse_results_file(results_dir / results_file_name(name), image_index, id_width)
         images.append(image)
         scores.append(score)
         boxes.append(box)
         labels.append(np.full(image.shape[0], label, dtype=np.int64))
+        lines.append(np.arange(image.shape[0], dtype=np.int64))
     image = np.concatenate(images)
     if not image_ids:
         return []
@@ -220,11 +222,12 @@ def read_voc_results(
         np.split(np.concatenate(boxes)[order], split),
         np.split(np.concatenate(labels)[order], split),
         np.split(np.concatenate(scores)[order], split),
+        np.split(np.concatenate(lines)[order], split),
         strict=True,
     )
     result = [
-        ImageDetections(image_id, b, lab, s)
-        for image_id, (b, lab, s) in zip(image_ids, per_image, strict=True)
+        ImageDetections(image_id, b, lab, s, tie_break=line)
+        for image_id, (b, lab, s, line) in zip(image_ids, per_image, strict=True)
     ]
     logger.info("read %d detections for %d images from %s", image.shape[0], len(image_ids), results_dir)
     return result
