@@ -90,6 +90,12 @@ def _features_state_dict(state_dict: object, source: str) -> dict[str, torch.Ten
     return features
 
 
+def _first_line(error: Exception) -> str:
+    """An exception's type and first line: torch's unpickling errors go on with advice that does not apply."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def load_vgg16_weights(features: nn.Sequential, *, batch_norm: bool, pretrained: bool = False,
                        weights_path: str | Path | None = None) -> None:
     """Load ImageNet weights into a width-1.0 conv base built by :func:`build_vgg16_features`.
@@ -113,19 +119,27 @@ def load_vgg16_weights(features: nn.Sequential, *, batch_norm: bool, pretrained:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # any unpickling failure means the same to the user
             raise WeightsError(
-                f"model.weights_path={path}: cannot read it as a torch state_dict ({exc})"
-            ) from exc
+                f"model.weights_path={path}: cannot read it as a torch state_dict ({_first_line(exc)})"
+            ) from None
         source = f"model.weights_path={path}"
     elif pretrained:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
         try:
-            state_dict = load_state_dict_from_url(weights.url, progress=False, check_hash=True)
-        except Exception as exc:  # URLError, OSError, hash mismatch: all end here
+            # weights_only: a file already in the hub cache is loaded without its hash being checked, and
+            # a full unpickle of a planted one would run its code.
+            state_dict = load_state_dict_from_url(weights.url, progress=False, check_hash=True, weights_only=True)
+        except Exception as exc:  # URLError, OSError, hash mismatch, unpickling: all end here
+            if cached.is_file():
+                raise WeightsError(
+                    f"cannot read the cached ImageNet VGG16 weights {cached} ({_first_line(exc)}); delete that "
+                    "file to download it again, or pass model.weights_path"
+                ) from None
             raise WeightsDownloadError(
                 f"could not download the ImageNet VGG16 weights from {weights.url} ({exc}). Download that "
                 f"file on a machine with internet access and pass model.weights_path=/path/to/{file_name} "
                 "(a torchvision state_dict), or set model.pretrained=false to train from scratch."
             ) from exc
-        source = weights.url
+        source = str(cached) if cached.is_file() else weights.url
     else:
         return
 

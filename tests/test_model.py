@@ -201,3 +201,28 @@ def test_pretrained_uses_downloaded_state_dict(monkeypatch):
     model = TinyDetector(21, pretrained=True)
     assert urls == ["https://download.pytorch.org/models/vgg16-397923af.pth"]
     assert torch.equal(model.base[0].weight, state["features.0.weight"])
+
+
+class _CodeInPickle:
+    """Unpickling it would create a file: what a planted weights file could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_cached_weights_file_is_loaded_without_running_its_code(tmp_path, monkeypatch):
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))  # the cache load_state_dict_from_url reads
+    cached = hub / "checkpoints" / "vgg16-397923af.pth"
+    cached.parent.mkdir(parents=True)
+    marker = tmp_path / "code_ran"
+    torch.save({"features.0.weight": _CodeInPickle(marker)}, cached)
+    with pytest.raises(WeightsError, match=r"cannot read the cached ImageNet VGG16 weights .*vgg16-397923af\.pth"):
+        TinyDetector(21, pretrained=True)
+    assert not marker.exists()
+    cached.write_bytes(b"truncated download")
+    with pytest.raises(WeightsError, match=r"vgg16-397923af\.pth \(\w+: .*\); delete that file to download it again"):
+        TinyDetector(21, pretrained=True)
