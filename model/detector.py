@@ -51,15 +51,15 @@ class TinyDetector(nn.Module):
             raise ModelConfigError(
                 f"n_classes counts background and must be an integer >= 2, got {n_classes!r}"
             )
-        if not (isinstance(width_mult, (int, float)) and width_mult > 0):
-            raise ModelConfigError(f"width_mult must be > 0, got {width_mult!r}")
+        if not (isinstance(width_mult, (int, float)) and math.isfinite(width_mult) and width_mult > 0):
+            raise ModelConfigError(f"width_mult must be a finite number > 0, got {width_mult!r}")
         if (pretrained or weights_path is not None) and width_mult != 1.0:
             raise ModelConfigError(
                 f"ImageNet weights (pretrained={pretrained}, weights_path={weights_path}) only fit "
                 f"width_mult=1.0, got width_mult={width_mult}"
             )
-        if len(variances) != 2 or min(variances) <= 0:
-            raise ModelConfigError(f"variances must be two positive numbers, got {variances!r}")
+        if len(variances) != 2 or not all(math.isfinite(v) and v > 0 for v in variances):
+            raise ModelConfigError(f"variances must be two finite numbers > 0, got {variances!r}")
         if head_prior_prob is not None and not 0.0 < head_prior_prob < 1.0:
             raise ModelConfigError(f"head_prior_prob must be in (0, 1), got {head_prior_prob!r}")
 

@@ -189,17 +189,18 @@ class MultiBoxLoss(nn.Module):
             raise LossInputError(f"threshold must be in (0, 1], got {threshold!r}")
         if ignore_threshold is None and classification != "hard_negative":
             ignore_threshold = min(0.4, threshold)  # RetinaNet's 0.4, or the threshold when that is lower
-        if ignore_threshold is not None and not 0.0 <= ignore_threshold <= threshold:
+        if ignore_threshold is not None and not 0.0 < ignore_threshold <= threshold:
             raise LossInputError(
-                f"ignore_threshold must be in [0, threshold={threshold}], got {ignore_threshold!r}"
+                f"ignore_threshold must be in (0, threshold={threshold}], got {ignore_threshold!r}"
             )
-        if neg_pos_ratio < 0:
-            raise LossInputError(f"neg_pos_ratio must be >= 0, got {neg_pos_ratio!r}")
-        if alpha < 0:
-            raise LossInputError(f"alpha must be >= 0, got {alpha!r}")
-        if focal_gamma < 0 or not 0.0 <= focal_alpha <= 1.0:
+        # `not x >= 0` rather than `x < 0`: NaN must fail too (an infinite gamma would zero the focal loss).
+        if not (math.isfinite(neg_pos_ratio) and neg_pos_ratio >= 0):
+            raise LossInputError(f"neg_pos_ratio must be a finite number >= 0, got {neg_pos_ratio!r}")
+        if not (math.isfinite(alpha) and alpha >= 0):
+            raise LossInputError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        if not (math.isfinite(focal_gamma) and focal_gamma >= 0 and 0.0 <= focal_alpha <= 1.0):
             raise LossInputError(
-                f"need focal_gamma >= 0 and focal_alpha in [0, 1], got {focal_gamma!r}, {focal_alpha!r}"
+                f"need a finite focal_gamma >= 0 and focal_alpha in [0, 1], got {focal_gamma!r}, {focal_alpha!r}"
             )
         if matching not in MATCHING_RULES:
             raise LossInputError(f"matching must be one of {MATCHING_RULES}, got {matching!r}")
@@ -208,8 +209,8 @@ class MultiBoxLoss(nn.Module):
                 f"atss_candidates must be in [2, {priors_cxcywh.shape[0]}] (the number of priors), "
                 f"got {atss_candidates!r}"
             )
-        if len(variances) != 2 or min(variances) <= 0:
-            raise LossInputError(f"variances must be two positive numbers, got {variances!r}")
+        if len(variances) != 2 or not all(math.isfinite(v) and v > 0 for v in variances):
+            raise LossInputError(f"variances must be two finite numbers > 0, got {variances!r}")
         # Not persistent: priors derive from the config, so they stay out of checkpoints.
         self.register_buffer("priors_cxcywh", priors_cxcywh.detach().float().clone(), persistent=False)
         # What matching derives from the priors, computed once (see _priors_on).

@@ -74,6 +74,18 @@ def test_unknown_section_is_named(tmp_path):
         ("eval:\n  min_score: 3\n", r"'eval.min_score' must be in \[0.0, 1.0\)"),
         ("eval:\n  max_overlap: -5\n", r"'eval.max_overlap' must be in \(0.0, 1.0\]"),
         ("data:\n  synthetic:\n    n_trainval: 0\n", "'data.synthetic.n_trainval' must be at least 1"),
+        # model and loss values that failed only after the data was loaded, without the key, or trained badly
+        ("model:\n  width_mult: .inf\n", "'model.width_mult' must be a finite number"),
+        ("model:\n  variances: [.nan, 0.2]\n", r"'model.variances' must hold 2 finite numbers > 0"),
+        ("model:\n  variances: [.inf, 0.2]\n", r"'model.variances' must hold 2 finite numbers > 0"),
+        ("model:\n  scales: []\n", "'model.scales' must hold one or more finite numbers > 0"),
+        ("model:\n  aspect_ratios: [0]\n", "'model.aspect_ratios' must hold one or more finite numbers > 0"),
+        ("model:\n  scales: [0.5, 1.5]\n", "'model.scales' must be at most 1"),
+        ("loss:\n  alpha: .nan\n", "'loss.alpha' must be a finite number >= 0"),
+        ("loss:\n  focal_gamma: .inf\n", "'loss.focal_gamma' must be a finite number >= 0"),
+        ("loss:\n  focal_alpha: 1.5\n", r"'loss.focal_alpha' must be in \[0, 1\]"),
+        ("loss:\n  ignore_threshold: 0\n", r"'loss.ignore_threshold' must be in \(0, loss.threshold=0.5\]"),
+        ("model:\n  image_size: 32\nloss:\n  matching: atss\n", r"'loss.atss_candidates' \(36\) exceeds the 9 priors"),
         # numpy's seed sequences take non-negative seeds only
         ("run:\n  seed: -1\n", "'run.seed' must be a non-negative integer, got -1"),
         ("data:\n  split_seed: -3\n", "data.split_seed"),

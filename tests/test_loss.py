@@ -340,6 +340,14 @@ def test_bad_shapes_and_options():
         MultiBoxLoss(PRIORS, matching="nearest")
     with pytest.raises(LossInputError, match=r"atss_candidates must be in \[2, 3\]"):
         MultiBoxLoss(PRIORS, matching="atss", atss_candidates=4)
+    # NaN passes a `< 0` test; an infinite gamma makes the focal loss 0; 0 ignores every prior of an image.
+    for options, message in [({"alpha": math.nan}, "alpha must be a finite number"),
+                             ({"focal_gamma": math.inf}, "finite focal_gamma"),
+                             ({"neg_pos_ratio": math.nan}, "neg_pos_ratio must be a finite number"),
+                             ({"variances": (math.nan, 0.2)}, "variances must be two finite numbers"),
+                             ({"ignore_threshold": 0.0}, r"ignore_threshold must be in \(0, threshold")]:
+        with pytest.raises(LossInputError, match=message):
+            MultiBoxLoss(PRIORS, **options)
 
 
 def test_atss_gives_small_boxes_more_than_their_best_prior():

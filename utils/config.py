@@ -311,6 +311,33 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
+def _check_model_and_loss(model: ModelConfig, loss: LossConfig) -> None:
+    """What the model and loss would refuse (or take silently and train badly with) once the data is
+    loaded, checked when the config is read instead."""
+    if not math.isfinite(model.width_mult):
+        raise ConfigError(f"config key 'model.width_mult' must be a finite number, got {model.width_mult}")
+    if len(model.variances) != 2 or not all(math.isfinite(v) and v > 0 for v in model.variances):
+        raise ConfigError(f"config key 'model.variances' must hold 2 finite numbers > 0, got {model.variances}")
+    for key, values in (("model.scales", model.scales), ("model.aspect_ratios", model.aspect_ratios)):
+        if not values or not all(math.isfinite(v) and v > 0 for v in values):
+            raise ConfigError(f"config key '{key}' must hold one or more finite numbers > 0, got {values}")
+    if max(model.scales) > 1:  # a prior wider than the image is clipped to it: several would coincide
+        raise ConfigError(f"config key 'model.scales' must be at most 1 (fractions of the image), got {model.scales}")
+    for key, value in (("loss.alpha", loss.alpha), ("loss.focal_gamma", loss.focal_gamma),
+                       ("loss.neg_pos_ratio", loss.neg_pos_ratio)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"config key '{key}' must be a finite number >= 0, got {value}")
+    if not 0.0 <= loss.focal_alpha <= 1.0:
+        raise ConfigError(f"config key 'loss.focal_alpha' must be in [0, 1], got {loss.focal_alpha}")
+    n_priors = (model.image_size // 32) ** 2 * len(model.scales) * len(model.aspect_ratios)
+    if loss.matching == "atss" and loss.atss_candidates > n_priors:
+        raise ConfigError(
+            f"config key 'loss.atss_candidates' ({loss.atss_candidates}) exceeds the {n_priors} priors of "
+            f"model.image_size={model.image_size} with {len(model.scales)} scales x "
+            f"{len(model.aspect_ratios)} aspect ratios"
+        )
+
+
 def _check_values(cfg: Config) -> None:
     """Semantic checks that types alone cannot express."""
     positive = {
@@ -326,8 +353,6 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
     if cfg.model.image_size % 32 != 0:
         raise ConfigError(f"config key 'model.image_size' must be a multiple of 32, got {cfg.model.image_size}")
-    if len(cfg.model.variances) != 2:
-        raise ConfigError(f"config key 'model.variances' must hold 2 numbers, got {cfg.model.variances}")
     if not cfg.data.classes:
         raise ConfigError("config key 'data.classes' must list at least one class")
     if len(set(cfg.data.classes)) != len(cfg.data.classes):
@@ -339,9 +364,10 @@ def _check_values(cfg: Config) -> None:
     if not 0.0 < cfg.loss.threshold <= 1.0:
         raise ConfigError(f"config key 'loss.threshold' must be in (0, 1], got {cfg.loss.threshold}")
     ignore = cfg.loss.ignore_threshold
-    if ignore is not None and not 0.0 <= ignore <= cfg.loss.threshold:
+    # 0 would leave out every prior of an image with a box, overlapping it or not: no background trained.
+    if ignore is not None and not 0.0 < ignore <= cfg.loss.threshold:
         raise ConfigError(
-            f"config key 'loss.ignore_threshold' must be in [0, loss.threshold={cfg.loss.threshold}], got {ignore}"
+            f"config key 'loss.ignore_threshold' must be in (0, loss.threshold={cfg.loss.threshold}], got {ignore}"
         )
     if cfg.loss.atss_candidates < 2:
         raise ConfigError(
@@ -352,7 +378,8 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"config key 'eval.box_voting_iou' must be null or in (0, 1], got {voting}")
     if not 0.0 <= cfg.data.test_fraction < 1.0:
         raise ConfigError(f"config key 'data.test_fraction' must be in [0, 1), got {cfg.data.test_fraction}")
-    train, evaluation = cfg.train, cfg.eval
+    train, evaluation, model, loss = cfg.train, cfg.eval, cfg.model, cfg.loss
+    _check_model_and_loss(model, loss)
     if not math.isfinite(train.lr):
         raise ConfigError(f"config key 'train.lr' must be a finite number, got {train.lr}")
     at_least = {
