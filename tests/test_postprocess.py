@@ -232,3 +232,13 @@ def test_bad_inputs():
     for bad in (0.0, 1.5, -0.2):
         with pytest.raises(PostprocessError, match="box_voting_iou"):
             detect_objects(locs, scores, priors, box_voting_iou=bad)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("field", ["locs", "scores"])
+def test_non_finite_model_outputs_are_named(field, value):
+    locs, scores, priors = hand_case()  # 3 images
+    # A NaN box survives the clamp to [0, 1]; a NaN score drops out of every comparison, unseen.
+    (locs if field == "locs" else scores)[1, 0, 0] = value
+    with pytest.raises(PostprocessError, match=r"NaN or infinite values for images \[1\] of the batch \(1 of 3\)"):
+        detect_objects(locs, scores, priors)

@@ -93,6 +93,15 @@ def detect_objects(locs: Tensor, scores: Tensor, priors_cxcywh: Tensor, *, min_s
     if box_voting_iou is not None and not 0.0 < box_voting_iou <= 1.0:
         raise PostprocessError(f"box_voting_iou must be None or in (0, 1], got {box_voting_iou!r}")
 
+    # NaN would pass the clamp as a box and drop out of every score comparison: say so instead.
+    finite = torch.isfinite(locs).all(dim=(1, 2)) & torch.isfinite(scores).all(dim=(1, 2))
+    if not bool(finite.all()):
+        broken = (~finite).nonzero().flatten().tolist()
+        raise PostprocessError(
+            f"the model's outputs hold NaN or infinite values for images {broken[:10]} of the batch "
+            f"({len(broken)} of {len(finite)}): its weights or inputs are broken"
+        )
+
     n_images, _, n_classes = scores.shape
     scores = scores.float()
     class_scores = scores.softmax(dim=-1)[..., 1:] if activation == "softmax" else scores[..., 1:].sigmoid()
