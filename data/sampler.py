@@ -55,6 +55,8 @@ class ResumableSampler(Sampler[tuple[int, int]]):
     ) -> None:
         if dataset_size <= 0:
             raise ValueError("cannot sample from an empty dataset")
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
         self.dataset_size = dataset_size
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -64,10 +66,15 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         self.drop_last = drop_last
         self.epoch = 0
         self.skip_batches = 0
-        # Every rank gets the same number of samples (padding by repetition) so DDP steps stay in lockstep.
-        self.samples_per_rank = math.ceil(dataset_size / world_size)
+        # Every rank gets the same number of samples so DDP steps stay in lockstep: without drop_last the
+        # order is padded by repetition; with it, the remainder is left out like any incomplete batch, so
+        # no sample is on two ranks at once.
+        self.samples_per_rank = (dataset_size // world_size if drop_last
+                                 else math.ceil(dataset_size / world_size))
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        if skip_batches < 0:
+            raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
         self.epoch = epoch
         self.skip_batches = skip_batches
 
