@@ -133,6 +133,10 @@ class DetectionDataset(Dataset):
                 f"the transform must return uint8 pixels (got {image_t.dtype} for image {record.image_id!r}); "
                 "normalization runs on whole batches (data.transforms.normalize_images), not in the transform"
             )
+        if np.shares_memory(image_t.numpy(), image):
+            # A transform that leaves the pixels as they are (a resize to the size they have) hands back the
+            # decoded array itself; a caller writing to the sample would write into the image cache.
+            image_t = image_t.clone(memory_format=torch.preserve_format)
         return (
             image_t,
             torch.from_numpy(out_boxes),

@@ -182,3 +182,13 @@ def _folder_without_size(tmp_path, image_path):
     images = image_path.parent
     write_voc_xml(tmp_path / "annotations" / "rotated.xml", image_path.name, None, None, [("cat", (1, 1, 10, 20), 0)])
     return images, tmp_path / "annotations"
+
+
+def test_a_sample_never_shares_memory_with_the_image_cache(tmp_path):
+    # An image already at the output size: the eval resize hands back the decoded array unchanged.
+    path = write_jpeg(tmp_path / "square.jpg", 32, 32, value=200)
+    record = ImageRecord("square", path, 32, 32, np.array([[2, 2, 20, 20]], np.float32), np.array([1]),
+                         np.array([False]))
+    dataset = DetectionDataset([record], build_eval_transform(32), cache_images=True)
+    dataset[0][0].zero_()  # a caller free to write to its batch
+    assert dataset[0][0].min() > 150
