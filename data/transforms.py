@@ -400,7 +400,9 @@ def build_train_transform(
     if horizontal_flip:
         steps.append(A.HorizontalFlip(p=0.5))
     if photometric:
-        # SSD: brightness +-32/255, contrast and saturation x[0.5, 1.5], hue +-18 degrees.
+        # After SSD's photometric distortions, as one jitter applied together with p 0.5 (SSD draws each on
+        # its own): brightness x[0.875, 1.125] (SSD adds +-32/255, which this matches at white),
+        # contrast and saturation x[0.5, 1.5], hue +-18 degrees.
         steps.append(A.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05, p=0.5))
     steps.append(ToTensorV2())
     transform = A.Compose(steps, bbox_params=_bbox_params())

@@ -16,11 +16,11 @@ def test_custom_config_trains_a_few_steps_on_raccoon_photographs(tmp_path):
             f"run.output_dir={tmp_path / 'runs'}",
             "data.num_workers=0",
             "train.epochs=1",
-            "train.batch_size=2",
             "train.log_every_steps=1",
         ],
     )
     assert cfg.data.format == "folder" and cfg.data.classes == ["raccoon"]
+    assert cfg.run.name == "custom"  # the file's stem: a copy named my_data.yaml writes checkpoints/my_data/
     summary = train_module.train(cfg, show_progress=False)
     assert summary["global_step"] == 3  # 6 training photos (splits/train.txt), batch 2
     assert summary["best_voc07_map"] is not None
