@@ -16,7 +16,8 @@ class MetricsLogger:
 
     A new run starts the file anew. A resumed run keeps the records up to its checkpoint and drops the
     ones the interrupted run logged after it, which the resumed run logs again: the file then reads as
-    that of a run never interrupted.
+    that of a run never interrupted. TensorBoard is told the same through its purge step, which hides
+    the earlier events from that step on.
 
     Args:
         run_dir: the run's folder.
@@ -36,7 +37,8 @@ class MetricsLogger:
         except ImportError:  # tensorboard is optional
             logger.info("tensorboard not installed: metrics go to %s only", self.path)
         else:
-            self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            purge_step = 0 if resumed_at is None else resumed_at[1] + 1
+            self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
 
     def _start_file(self, resumed_at: tuple[int, int] | None) -> None:
         if not self.path.exists():
