@@ -54,6 +54,7 @@ from utils.config import (
 from utils.distributed import (
     all_gather_objects,
     any_rank,
+    broadcast_buffers,
     broadcast_object,
     cleanup_distributed,
     init_distributed,
@@ -314,11 +315,12 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         start_epoch = checkpoint["epoch"]
         skip_batches = checkpoint["batches_done"]
         saved_world_size = checkpoint.get("world_size", 1)
-        if skip_batches and saved_world_size != context.world_size:
-            # Each process skips its own share of the epoch's batches; other shares would repeat or miss samples.
+        if saved_world_size != context.world_size:
+            # The batch of a step, the steps of an epoch (which the schedule counts in) and each process's
+            # share of a partly done epoch all depend on the process count.
             raise CheckpointError(
-                f"{resume} was saved {skip_batches} batches into an epoch by {saved_world_size} processes; "
-                f"resume it with {saved_world_size}, not {context.world_size}"
+                f"{resume} was saved by a run of {saved_world_size} processes; resume it with "
+                f"{saved_world_size}, not {context.world_size}"
             )
         global_step = checkpoint["global_step"]
         best_map = checkpoint["best_map"]
@@ -388,6 +390,9 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             save("last.pt")
 
     def evaluate_now() -> float:
+        broadcast_buffers(model, context)
+        if ema is not None:
+            broadcast_buffers(ema.module, context)
         detections = run_inference(
             ema.module if ema is not None else model, test_dataset, test_records, device,
             batch_size=cfg.eval.batch_size, num_workers=min(workers, 2), amp_dtype=amp_dtype,

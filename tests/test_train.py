@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import eval as eval_module
 import train as train_module
 from data.errors import DataError
 from tests.train_helpers import REPO, state_dicts_equal, tiny_config, tiny_overrides
@@ -185,6 +186,14 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
     assert summary["rank_weight_checksums"][0] == summary["rank_weight_checksums"][1]
     assert summary["global_step"] == 6  # 12 images / (2 ranks x batch 2) = 3 steps per epoch
     assert summary["best_voc07_map"] is not None
+    # The mAP the run logged is that of the checkpoint it saved: each rank scored its shard with rank 0's
+    # BatchNorm statistics, not with those of its own last batch.
+    out = tmp_path / "eval"
+    assert eval_module.main(["--config", str(REPO / "configs" / "demo.yaml"), "--checkpoint",
+                             str(tmp_path / "runs" / "ddp" / "last.pt"), "--output-dir", str(out), "--no-coco",
+                             *overrides]) == 0  # fmt: skip
+    evaluated = json.loads((out / "metrics.json").read_text())["voc07_map"]
+    assert evaluated == pytest.approx(summary["last_voc07_map"], abs=1e-9)
 
 
 def test_periodic_step_checkpoint_survives_a_crash_and_resumes_exactly(tmp_path, monkeypatch):
@@ -307,15 +316,16 @@ def test_a_checkpoint_without_the_training_state_is_named(tmp_path, capfd):
     assert f"checkpoint {bare} lacks ['config', 'class_names', 'optimizer'" in capfd.readouterr().err
 
 
-def test_a_mid_epoch_checkpoint_resumes_with_its_number_of_processes(tmp_path):
+def test_a_checkpoint_resumes_with_its_number_of_processes(tmp_path):
     cfg = tiny_config(tmp_path, name="ranks", epochs=2)
     train_module.train(cfg, show_progress=False)
     last = Path(run_dir(cfg)) / "last.pt"
     checkpoint = load_checkpoint(last)
     assert checkpoint["world_size"] == 1
-    checkpoint.update(epoch=1, batches_done=1, world_size=2)
+    # At an epoch boundary too: the schedule counts steps, and a step's batch depends on the process count.
+    checkpoint.update(epoch=1, batches_done=0, world_size=2)
     torch.save(checkpoint, last)
-    with pytest.raises(CheckpointError, match=r"saved 1 batches into an epoch by 2 processes; resume it with 2, not 1"):
+    with pytest.raises(CheckpointError, match=r"saved by a run of 2 processes; resume it with 2, not 1"):
         train_module.train(train_module.config_for_resume(last, []), resume=str(last), show_progress=False)
 
 
