@@ -34,6 +34,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from data.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 SHAPES_CLASSES: tuple[str, ...] = ("ellipse", "rectangle", "triangle")
@@ -313,8 +315,17 @@ def generate_shapes_dataset(
     if not force and _stamp_matches(folder, params):
         logger.info("shapes dataset in %s is up to date (%s)", folder, params)
         return devkit
+    if folder.exists() and not (folder / STAMP_FILE).is_file():
+        # Not a tree this generator wrote (it always writes its stamp last): never delete someone's files.
+        raise DataError(
+            f"{folder} exists but holds no {STAMP_FILE}, so it is not a generated shapes dataset; move it away "
+            "or choose another data.root"
+        )
+    if folder.exists():
+        logger.warning("regenerating %s: it was generated with other settings than %s", folder, params)
     start = time.perf_counter()
     devkit.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_temporaries(devkit)
     tmp = devkit / f".{FOLDER}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
@@ -335,7 +346,12 @@ def generate_shapes_dataset(
     (main / "test.txt").write_text("".join(f"{i}\n" for i in ids[params.n_trainval :]))
     (tmp / STAMP_FILE).write_text(json.dumps(asdict(params), indent=1) + "\n")
     if folder.exists():
-        shutil.rmtree(folder)
+        # Renamed first, in one step: a process killed while deleting it leaves a temporary tree (removed by
+        # the next run), never a SHAPES folder without its stamp.
+        old = devkit / f".{FOLDER}.tmp-old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        shutil.rmtree(old)
     try:
         os.replace(tmp, folder)
     except OSError:
@@ -345,6 +361,24 @@ def generate_shapes_dataset(
             raise
     logger.info("wrote %d shapes images to %s in %.1f s", n, folder, time.perf_counter() - start)
     return devkit
+
+
+def _remove_abandoned_temporaries(devkit: Path) -> None:
+    """Delete the temporary trees of generators that were killed: those whose process is gone."""
+    for tmp in devkit.glob(f".{FOLDER}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:

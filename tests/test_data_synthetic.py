@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import data.synthetic as synthetic
+from data.errors import DataError
 from data.synthetic import SHAPES_CLASSES, _shape_mask, generate_shapes_dataset, render_image
 from data.voc import load_vocdevkit
 
@@ -140,3 +144,24 @@ def test_cli(tmp_path, capsys):
                     "--image-size", "64"])
     assert capsys.readouterr().out.strip() == str(tmp_path / "VOCdevkit" / "SHAPES")
     assert (tmp_path / "VOCdevkit" / "SHAPES" / "ImageSets" / "Main" / "test.txt").read_text() == "000002\n"
+
+
+def test_a_folder_the_generator_did_not_write_is_never_deleted(tmp_path):
+    mine = tmp_path / "VOCdevkit" / "SHAPES" / "JPEGImages" / "mine.jpg"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"someone's photo")
+    with pytest.raises(DataError, match=r"SHAPES exists but holds no generation\.json"):
+        generate_shapes_dataset(tmp_path, seed=0, **SMALL)
+    assert mine.read_bytes() == b"someone's photo"
+
+
+def test_temporary_trees_of_killed_generators_are_removed(tmp_path):
+    devkit = tmp_path / "VOCdevkit"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process id that no longer runs, as a killed generator's
+    abandoned = devkit / f".SHAPES.tmp-{gone.pid}"
+    running = devkit / f".SHAPES.tmp-{os.getppid()}"  # a generator still at work: left alone
+    for folder in (abandoned, running):
+        (folder / "JPEGImages").mkdir(parents=True)
+    generate_shapes_dataset(tmp_path, seed=0, **SMALL)
+    assert not abandoned.exists() and running.exists()
