@@ -27,7 +27,14 @@ logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stops and keeps the last good checkpoint."""
+    """The loss or the weights became NaN or infinite; training stops and keeps the last good checkpoint."""
+
+
+def non_finite_entries(module: torch.nn.Module) -> list[str]:
+    """Names of the parameters and buffers holding NaN or infinity (a diverged step can leave them with a
+    finite loss, e.g. BatchNorm's running variance)."""
+    return [name for name, tensor in module.state_dict().items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
 
 
 def resolve_device(name: str, source: str = "config key 'train.device'") -> torch.device:
@@ -188,6 +195,7 @@ def train_one_epoch(
                 "lower train.lr, enable train.grad_clip_norm or check the data"
             )
         optimizer.zero_grad(set_to_none=True)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses; scheduler.step() sets the next one
         scaler.scale(loss.total).backward()
         if grad_clip_norm is not None:
             scaler.unscale_(optimizer)
@@ -208,7 +216,7 @@ def train_one_epoch(
             loss=loss.total.item(),
             localization=loss.localization.item(),
             confidence=loss.confidence.item(),
-            lr=optimizer.param_groups[0]["lr"],
+            lr=lr,
             images_per_s=images_per_s,
         )
         progress.set_postfix(
@@ -356,8 +364,14 @@ def steps_lr_lambda(
     gamma: float,
     min_lr_ratio: float,
 ) -> Callable[[int], float]:
-    """Learning-rate multiplier per optimizer step: linear warm-up, then multistep or cosine decay."""
+    """Learning-rate multiplier per optimizer step: linear warm-up, then multistep or cosine decay.
+
+    The cosine reaches ``min_lr_ratio`` at ``total_steps``, one past the last step taken (the usual
+    ``T_max = total`` convention); a warm-up of any positive length takes at least one step.
+    """
     warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+    if warmup_epochs > 0:
+        warmup_steps = max(1, warmup_steps)
     milestone_steps = [m * steps_per_epoch for m in milestones]
 
     def factor(step: int) -> float:
