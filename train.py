@@ -61,8 +61,10 @@ from utils.distributed import (
 )
 from utils.ema import ModelEMA
 from utils.engine import (
+    NonFiniteLossError,
     StepStats,
     configure_cpu_training,
+    non_finite_entries,
     resolve_amp_dtype,
     resolve_device,
     run_inference,
@@ -304,7 +306,9 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
-            scaler.load_state_dict(checkpoint["scaler"])
+            # A run saved without fp16 has an empty scaler state; resumed under fp16 it starts a fresh scaler.
+            if checkpoint["scaler"]:
+                scaler.load_state_dict(checkpoint["scaler"])
         except (KeyError, RuntimeError, ValueError) as error:
             raise CheckpointError(f"{resume} does not fit the model and optimizer of this config: {error}") from None
         if ema is not None:
@@ -371,6 +375,15 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     state = {"epoch": start_epoch, "batches_done": skip_batches, "global_step": global_step}
 
     def save(name: str) -> None:
+        # Every rank checks and stops together (a rank left behind would wait in the next collective).
+        broken = non_finite_entries(model) + (non_finite_entries(ema.module) if ema is not None else [])
+        if any_rank(bool(broken), context):
+            raise NonFiniteLossError(
+                f"the weights became NaN or infinite by step {state['global_step']} "
+                f"({', '.join(broken[:5]) or 'on another rank'}{', ...' if len(broken) > 5 else ''}) with a "
+                f"finite loss; {name} was not written, so it keeps the last good state. Lower train.lr or "
+                "enable train.grad_clip_norm"
+            )
         if context.is_main:
             atomic_save(
                 checkpoint_state(

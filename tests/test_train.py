@@ -1,6 +1,7 @@
 """train.py end to end on tiny data: exact resume, interruption, NaN guard, metrics, multi-process DDP."""
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -341,3 +342,47 @@ def test_a_test_split_without_countable_boxes_stops_before_training(tmp_path, mo
     monkeypatch.setattr(train_module, "build_datasets", all_difficult)
     with pytest.raises(DataError, match=r"the test split has no box that counts for mAP \(6 images"):
         train_module.train(tiny_config(tmp_path, name="difficult", epochs=1), show_progress=False)
+
+
+def test_each_logged_step_shows_the_learning_rate_it_used(tmp_path):
+    cfg = tiny_config(tmp_path, name="lr", epochs=2)
+    train_module.train(cfg, show_progress=False)
+    factor = train_module.steps_lr_lambda(
+        total_steps=6, steps_per_epoch=3, warmup_epochs=cfg.train.warmup_epochs, schedule=cfg.train.schedule,
+        milestones=cfg.train.milestones, gamma=cfg.train.gamma, min_lr_ratio=cfg.train.min_lr_ratio,
+    )  # fmt: skip
+    logged = [(r["step"], r["lr"]) for r in metric_records(run_dir(cfg)) if r["type"] == "train"]
+    assert [step for step, _ in logged] == [1, 2, 3, 4, 5, 6]
+    for step, lr in logged:
+        assert lr == pytest.approx(cfg.train.lr * factor(step - 1), rel=1e-12), step  # step k runs factor(k - 1)
+
+
+def test_weights_that_turn_non_finite_with_a_finite_loss_are_not_saved(tmp_path, monkeypatch):
+    real_train_one_epoch = train_module.train_one_epoch
+
+    def diverging(model, *args, on_step, **kwargs):
+        def step(stats):
+            if stats.step == 5:  # in epoch 2: a diverged BatchNorm statistic; training losses use batch statistics
+                with torch.no_grad():
+                    model.base[1].running_var.fill_(math.inf)
+            on_step(stats)
+
+        return real_train_one_epoch(model, *args, on_step=step, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", diverging)
+    cfg = tiny_config(tmp_path, name="diverged", epochs=2)
+    with pytest.raises(NonFiniteLossError, match=r"weights became NaN or infinite by step 6 \(base\.1\.running_var\)"):
+        train_module.train(cfg, show_progress=False)
+    assert load_checkpoint(Path(run_dir(cfg)) / "last.pt")["global_step"] == 3  # epoch 1's, intact
+
+
+def test_a_run_saved_without_fp16_resumes_under_fp16(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, name="to_fp16", epochs=1)
+    train_module.train(cfg, show_progress=False)
+    last = Path(run_dir(cfg)) / "last.pt"
+    assert load_checkpoint(last)["scaler"] == {}  # no scaler without fp16
+    # fp16 autocast is CUDA-only; a CPU run stands in for a resume on a GPU with train.amp=fp16.
+    monkeypatch.setattr(train_module, "resolve_amp_dtype", lambda amp, device: torch.float16)
+    resumed = train_module.config_for_resume(last, ["train.epochs=2"])
+    summary = train_module.train(resumed, resume=str(last), show_progress=False)
+    assert summary["epochs_done"] == 2 and load_checkpoint(last)["scaler"]["scale"] > 0

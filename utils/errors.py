@@ -11,6 +11,7 @@ from utils.config import ConfigError
 from utils.engine import NonFiniteLossError
 from utils.matching import TargetError
 from utils.output_dir import OutputDirError
+from utils.postprocess import PostprocessError
 from utils.voc_eval import EvaluationInputError
 from utils.voc_results import ResultsFormatError
 
@@ -23,6 +24,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ModelConfigError,
     NonFiniteLossError,
     OutputDirError,
+    PostprocessError,
     PriorConfigError,
     ResultsFormatError,
     TargetError,
