@@ -450,7 +450,8 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
                     best_map = last_map
                     save("best.pt")
             save("last.pt")
-            if stop_requested():
+            # A stop that arrives during the last epoch's evaluation or save finds the run complete.
+            if finished < cfg.train.epochs and stop_requested():
                 interrupted = True
                 log_stopped()
                 break

@@ -386,3 +386,15 @@ def test_a_run_saved_without_fp16_resumes_under_fp16(tmp_path, monkeypatch):
     resumed = train_module.config_for_resume(last, ["train.epochs=2"])
     summary = train_module.train(resumed, resume=str(last), show_progress=False)
     assert summary["epochs_done"] == 2 and load_checkpoint(last)["scaler"]["scale"] > 0
+
+
+def test_a_stop_during_the_last_evaluation_finds_the_run_complete(tmp_path, monkeypatch):
+    polls = {"n": 0}
+
+    def stop_after_the_last_step(self):
+        polls["n"] += 1
+        return polls["n"] > 3  # 3 steps in the only epoch; the request lands during its evaluation
+
+    monkeypatch.setattr(train_module.StopRequest, "__call__", stop_after_the_last_step)
+    summary = train_module.train(tiny_config(tmp_path, name="done", epochs=1), show_progress=False)
+    assert not summary["interrupted"] and summary["epochs_done"] == 1
