@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import torch
 from data.dataset import DetectionDataset
 from data.transforms import build_eval_transform
 from model.loss import score_activation_for
+from utils.atomic_file import atomic_file
 from utils.builders import detector_from_checkpoint, load_split_records, prepare_synthetic
 from utils.checkpoint import INFERENCE_KEYS, load_checkpoint
 from utils.config import load_config
@@ -66,14 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def write_json_atomically(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(obj, handle, indent=2)
-    os.replace(tmp, path)
-
-
 def format_coco(coco: dict[str, Any] | None) -> str:
     if not coco:
         return ""
@@ -89,7 +80,8 @@ def report(result: EvaluationResult, output_dir: Path, extra: dict[str, Any]) ->
     if result.coco:
         print(format_coco(result.coco))
     metrics = result.to_dict() | extra
-    write_json_atomically(metrics, output_dir / "metrics.json")
+    with atomic_file(output_dir / "metrics.json", "w") as handle:
+        json.dump(metrics, handle, indent=2)
     plot_pr_curves(result.voc, output_dir / "pr_curves.png")
     print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'pr_curves.png'}")
 

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
+from utils.atomic_file import atomic_file
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -87,11 +89,8 @@ def load_or_build(
     if not store(value):
         return value, False
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            pickle.dump({"key": key, "value": value}, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
+        with atomic_file(path) as handle:
+            pickle.dump({"key": key, "value": value}, handle, protocol=pickle.HIGHEST_PROTOCOL)
         for old in cache_dir.glob(f"{name}-*.pkl"):
             if old != path:
                 old.unlink(missing_ok=True)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from utils.atomic_file import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -19,31 +19,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file."""
 
 
-# mkstemp creates files readable by their owner only; a checkpoint gets the mode of any other file the
-# run writes. Read once: os.umask can only be read by setting it.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write `obj` with torch.save to a temp file in the same folder, fsync it, then rename over `path`.
-
-    A crash at any moment leaves either the previous file or the new one, never a truncated mix,
-    because rename within one filesystem is atomic.
-    """
+    """Write `obj` with torch.save through :func:`utils.atomic_file.atomic_file`: a crash at any moment
+    leaves either the previous file or the new one, never a truncated mix."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o666 & ~_UMASK)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as handle:
+        torch.save(obj, handle)
     # A process killed in the middle of an earlier save left its temporary file behind.
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 import re
 import types
 import typing
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
+
+from utils.atomic_file import atomic_file
 
 VOC_CLASSES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -474,7 +475,5 @@ def config_from_dict(tree: dict[str, Any], overrides: list[str] | None = None) -
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the config as YAML, through a temporary file renamed over `path`: never half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    with atomic_file(path, "w", encoding="utf-8") as handle:
+        handle.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

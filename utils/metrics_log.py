@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from utils.atomic_file import atomic_file
+
 logger = logging.getLogger(__name__)
 
 
@@ -60,9 +62,8 @@ class MetricsLogger:
                     kept.append(line)
         else:
             logger.info("%s: a new run starts the file anew", self.path)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        tmp.replace(self.path)
+        with atomic_file(self.path, "w", encoding="utf-8") as handle:
+            handle.writelines(f"{line}\n" for line in kept)
 
     def _append(self, record: dict[str, Any]) -> None:
         record["time"] = round(time.time(), 3)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from utils.atomic_file import atomic_file
 from utils.voc_eval import VOCResult
 
 logger = logging.getLogger(__name__)
@@ -66,14 +65,7 @@ def plot_pr_curves(
     figure.suptitle(heading, fontsize=11)
     figure.tight_layout(rect=(0, 0, 1, 0.97))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            figure.savefig(handle, format="png", dpi=DPI)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as handle:
+        figure.savefig(handle, format="png", dpi=DPI)
     logger.info("saved precision-recall curves of %d classes to %s", len(names), path)
     return path
