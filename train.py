@@ -74,6 +74,7 @@ from utils.engine import (
 from utils.errors import USER_ERRORS
 from utils.evaluation import check_countable_boxes, evaluate_detections
 from utils.metrics_log import MetricsLogger
+from utils.output_dir import prepare_output_dir
 
 logger = logging.getLogger("train")
 
@@ -141,15 +142,17 @@ def build_datasets(cfg: Config) -> tuple[DetectionDataset, DetectionDataset]:
     return train_dataset, test_dataset
 
 
-def config_for_resume(checkpoint_path: str | Path, overrides: list[str]) -> Config:
+def config_for_resume(checkpoint_path: str | Path, overrides: list[str],
+                      checkpoint: dict[str, Any] | None = None) -> Config:
     """The config of the run a checkpoint continues, with the overrides a resumed run may take.
 
     Exact resume needs the run's own config. Overrides of where and how long it runs, and of how it is
     evaluated, apply (see `utils.config.RESUMABLE_KEYS`); any other change is refused with the keys and
     both values. The run continues in the checkpoint's folder unless `run.output_dir` or `run.name` is
-    overridden, so a copied run folder resumes into the copy.
+    overridden, so a copied run folder resumes into the copy. `checkpoint`: the file already loaded.
     """
-    checkpoint = load_checkpoint(checkpoint_path, require=TRAINING_KEYS)
+    if checkpoint is None:
+        checkpoint = load_checkpoint(checkpoint_path, require=TRAINING_KEYS)
     try:
         saved = config_from_dict(checkpoint["config"])
     except ConfigError as error:
@@ -221,8 +224,13 @@ def setup_logging(is_main: bool) -> None:
     )
 
 
-def train(cfg: Config, resume: str | None = None, show_progress: bool = True) -> dict[str, Any]:
-    """Run a whole training; returns a summary (best mAP, steps, wall time, checkpoint folder)."""
+def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
+          checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run a whole training; returns a summary (best mAP, steps, wall time, checkpoint folder).
+
+    `resume` is a checkpoint to continue from; `checkpoint` the same file already loaded (a checkpoint
+    with its optimizer state can take seconds to read).
+    """
     started = time.perf_counter()
     device = resolve_device(cfg.train.device)
     context = init_distributed(device.type)
@@ -241,12 +249,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             "give this one another run.name (or delete the folder)"
         )
     if context.is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ConfigError(
-                f"config keys 'run.output_dir'/'run.name': cannot create the run folder {run_dir}: {error.strerror}"
-            ) from None
+        prepare_output_dir(run_dir, "config keys 'run.output_dir'/'run.name': the run folder")
 
     torch.manual_seed(cfg.run.seed)
     # Rank 0 generates synthetic data and builds the annotation cache; the others then read it.
@@ -301,7 +304,16 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     if resume is not None:
         # Loaded to the CPU, where the RNG states belong; load_state_dict moves the weights and optimizer
         # state to the model's device.
-        checkpoint = load_checkpoint(resume, require=TRAINING_KEYS)
+        if checkpoint is None:
+            checkpoint = load_checkpoint(resume, require=TRAINING_KEYS)
+        saved_world_size = checkpoint.get("world_size", 1)
+        if saved_world_size != context.world_size:
+            # The batch of a step, the steps of an epoch (which the schedule counts in) and each process's
+            # share of a partly done epoch all depend on the process count.
+            raise CheckpointError(
+                f"{resume} was saved by a run of {saved_world_size} processes; resume it with "
+                f"{saved_world_size}, not {context.world_size}"
+            )
         try:
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -318,14 +330,6 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         restore_rng_states(checkpoint["rng"])
         start_epoch = checkpoint["epoch"]
         skip_batches = checkpoint["batches_done"]
-        saved_world_size = checkpoint.get("world_size", 1)
-        if saved_world_size != context.world_size:
-            # The batch of a step, the steps of an epoch (which the schedule counts in) and each process's
-            # share of a partly done epoch all depend on the process count.
-            raise CheckpointError(
-                f"{resume} was saved by a run of {saved_world_size} processes; resume it with "
-                f"{saved_world_size}, not {context.world_size}"
-            )
         global_step = checkpoint["global_step"]
         best_map = checkpoint["best_map"]
         last_map = checkpoint["last_map"]
@@ -487,15 +491,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(True)
     try:
+        checkpoint = None
         if args.resume:
-            cfg = config_for_resume(args.resume, args.overrides)
+            checkpoint = load_checkpoint(args.resume, require=TRAINING_KEYS)  # read once, for config and state
+            cfg = config_for_resume(args.resume, args.overrides, checkpoint)
             if args.config:
                 logger.info("resuming: using the config saved in %s, not %s", args.resume, args.config)
         elif args.config:
             cfg = load_config(args.config, args.overrides)
         else:
             raise ConfigError("give --config FILE (or --resume CHECKPOINT)")
-        summary = train(cfg, resume=args.resume, show_progress=not args.no_progress)
+        summary = train(cfg, resume=args.resume, show_progress=not args.no_progress, checkpoint=checkpoint)
     except USER_ERRORS as error:
         logger.error("%s", error)
         return 2
