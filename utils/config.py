@@ -19,6 +19,7 @@ from typing import Any, Union
 
 import yaml
 
+from model.priors import boxes_per_cell, grid_size_for
 from utils.atomic_file import atomic_file
 
 VOC_CLASSES = [
@@ -330,7 +331,7 @@ def _check_model_and_loss(model: ModelConfig, loss: LossConfig) -> None:
             raise ConfigError(f"config key '{key}' must be a finite number >= 0, got {value}")
     if not 0.0 <= loss.focal_alpha <= 1.0:
         raise ConfigError(f"config key 'loss.focal_alpha' must be in [0, 1], got {loss.focal_alpha}")
-    n_priors = (model.image_size // 32) ** 2 * len(model.scales) * len(model.aspect_ratios)
+    n_priors = grid_size_for(model.image_size) ** 2 * boxes_per_cell(model.scales, model.aspect_ratios)
     if loss.matching == "atss" and loss.atss_candidates > n_priors:
         raise ConfigError(
             f"config key 'loss.atss_candidates' ({loss.atss_candidates}) exceeds the {n_priors} priors of "
