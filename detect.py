@@ -28,6 +28,7 @@ import torch
 
 from data.transforms import build_eval_transform, normalize_images
 from model.loss import score_activation_for
+from utils.atomic_file import atomic_file
 from utils.builders import detector_from_checkpoint
 from utils.checkpoint import INFERENCE_KEYS, load_checkpoint
 from utils.engine import resolve_device
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                            "output": str(drawn_path), "detections": found})  # fmt: skip
             logger.info("%s: %d detections -> %s", path, len(found), drawn_path)
         try:
-            (output_dir / "detections.json").write_text(json.dumps(report, indent=2))
+            with atomic_file(output_dir / "detections.json", "w") as handle:
+                json.dump(report, handle, indent=2)
         except OSError as error:
             raise InputError(f"cannot write {output_dir / 'detections.json'}: {error.strerror or error}") from error
         print(f"wrote {len(files)} images and {output_dir / 'detections.json'}")
