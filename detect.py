@@ -26,6 +26,8 @@ import cv2
 import numpy as np
 import torch
 
+from data.dataset import decode_image
+from data.errors import ImageReadError
 from data.transforms import build_eval_transform, normalize_images
 from model.loss import score_activation_for
 from utils.atomic_file import atomic_file
@@ -140,10 +142,14 @@ def output_names(files: list[Path]) -> list[Path]:
 def read_rgb(path: Path) -> np.ndarray:
     # A photo is searched and drawn as it is shown, upright: OpenCV applies its EXIF orientation here,
     # unlike data.dataset.load_image, which must keep the frame the annotations were written in.
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise InputError(f"cannot read image {path}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    try:
+        encoded = path.read_bytes()
+    except OSError as error:
+        raise InputError(f"cannot read image {path}: {error.strerror or error}") from None
+    try:
+        return decode_image(encoded, path, cv2.IMREAD_COLOR)
+    except ImageReadError as error:
+        raise InputError(str(error)) from None
 
 
 def class_colour(label: int) -> tuple[int, int, int]:

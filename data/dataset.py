@@ -31,13 +31,38 @@ def load_image(path: str | Path) -> np.ndarray:
     whose XML has none. A rotated copy would misplace every box of a square image.
     """
     path = Path(path)
+    try:
+        encoded = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: image file not found") from None
+    except OSError as error:
+        raise ImageReadError(f"{path}: cannot read image file: {error.strerror or error}") from None
+    return decode_image(encoded, path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+
+
+def decode_image(encoded: bytes, path: Path, flags: int) -> np.ndarray:
+    """`encoded` (the bytes of the file `path`) decoded by OpenCV with `flags`, as RGB; ImageReadError if it
+    is corrupt or a truncated JPEG."""
+    if is_truncated_jpeg(encoded):  # checked first: cv2.imread decodes some of these with grey filler
+        raise ImageReadError(f"{path}: truncated JPEG (the file ends inside its image data)")
     # IMREAD_COLOR also turns grey or RGBA files into 3 channels.
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if image is None:  # OpenCV reports neither a missing nor a corrupt file by exception
-        if not path.is_file():
-            raise ImageReadError(f"{path}: image file not found")
+    image = cv2.imdecode(np.frombuffer(encoded, np.uint8), flags) if encoded else None
+    if image is None:  # OpenCV reports a corrupt file by returning None, not by exception
         raise ImageReadError(f"{path}: cannot decode image (corrupt or unsupported format)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def is_truncated_jpeg(encoded: bytes) -> bool:
+    """Whether `encoded` is a JPEG whose last scan has no end-of-image marker after it.
+
+    libjpeg decodes such a file with a warning on stderr and grey where the data stops. Inside a scan the
+    bytes 0xFF 0xD9 (end of image) cannot occur (0xFF is stuffed as 0xFF 0x00), so a complete file has the
+    marker after its last start-of-scan (0xFF 0xDA), also when more data (a second picture, a trailer)
+    follows.
+    """
+    if not encoded.startswith(b"\xff\xd8"):
+        return False
+    return encoded.rfind(b"\xff\xd9") < encoded.rfind(b"\xff\xda")
 
 
 class DetectionDataset(Dataset):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import albumentations as A
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -155,6 +156,32 @@ def test_missing_corrupt_and_resized_images_name_the_file(tmp_path):
         DetectionDataset([record], build_eval_transform(32))[0]
     rgb = load_image(write_jpeg(tmp_path / "grey.jpg", 8, 6, value=200))
     assert rgb.shape == (6, 8, 3) and rgb.dtype == np.uint8
+
+
+def test_truncated_jpeg_is_named_instead_of_decoded_with_grey(tmp_path):
+    photo = (RACCOON / "images" / "raccoon-125.jpg").read_bytes()
+    for cut in (0.5, 0.99):  # OpenCV decodes both with a grey bottom and only a warning on stderr
+        truncated = tmp_path / f"cut{cut}.jpg"
+        truncated.write_bytes(photo[: int(len(photo) * cut)])
+        with pytest.raises(ImageReadError, match=rf"cut{cut}\.jpg: truncated JPEG"):
+            load_image(truncated)
+    complete = load_image(RACCOON / "images" / "raccoon-125.jpg")
+    # Complete files load, also with data after the end-of-image marker (a trailer, or a second picture
+    # as phones append) and as progressive JPEGs, whose several scans each start with 0xFF 0xDA.
+    trailer = tmp_path / "trailer.jpg"
+    trailer.write_bytes(photo + b"\x00trailer")
+    two_pictures = tmp_path / "two.jpg"
+    two_pictures.write_bytes(photo + photo)
+    for path in (trailer, two_pictures):
+        assert np.array_equal(load_image(path), complete)
+    ok, progressive = cv2.imencode(".jpg", complete[..., ::-1], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    assert ok and progressive.tobytes().count(b"\xff\xda") > 1
+    (tmp_path / "progressive.jpg").write_bytes(progressive.tobytes())
+    assert load_image(tmp_path / "progressive.jpg").shape == complete.shape
+    with pytest.raises(ImageReadError, match=r"folder\.jpg: cannot read image file"):
+        load_image((tmp_path / "folder.jpg").mkdir() or tmp_path / "folder.jpg")
+    with pytest.raises(ImageReadError, match=r"empty\.jpg: cannot decode image"):
+        load_image((tmp_path / "empty.jpg").write_bytes(b"") and None or tmp_path / "empty.jpg")
 
 
 def test_exif_orientation_is_not_applied_so_boxes_stay_on_their_pixels(tmp_path):

@@ -113,6 +113,16 @@ def test_detect_rejects_missing_input(trained, tmp_path, capfd):
     assert torch.__version__  # torch stays importable after the CLI's error path
 
 
+def test_detect_names_a_truncated_photo(trained, tmp_path, capfd):
+    photo = sorted((REPO / "tests" / "fixtures" / "raccoon" / "images").glob("*.jpg"))[0]
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(photo.read_bytes()[:-200])
+    code = detect_module.main(["--checkpoint", str(trained["best"]), "--input", str(truncated),
+                               "--output-dir", str(tmp_path / "out")])
+    assert code == 2
+    assert "cut.jpg: truncated JPEG" in capfd.readouterr().err
+
+
 def test_detect_box_voting_moves_boxes_not_scores(trained, tmp_path, capfd):
     image = sorted((trained["root"] / "shapes" / "VOCdevkit" / "SHAPES" / "JPEGImages").glob("*.jpg"))[0]
     reports = {}
