@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,17 +53,42 @@ def decode_image(encoded: bytes, path: Path, flags: int) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def is_truncated_jpeg(encoded: bytes) -> bool:
-    """Whether `encoded` is a JPEG whose last scan has no end-of-image marker after it.
+# In a scan's entropy-coded data, 0xFF is followed by 0x00 (a stuffed byte) or 0xD0-0xD7 (restart
+# markers); any other byte after 0xFF ends the scan with a marker.
+_MARKER_AFTER_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 
-    libjpeg decodes such a file with a warning on stderr and grey where the data stops. Inside a scan the
-    bytes 0xFF 0xD9 (end of image) cannot occur (0xFF is stuffed as 0xFF 0x00), so a complete file has the
-    marker after its last start-of-scan (0xFF 0xDA), also when more data (a second picture, a trailer)
-    follows.
+
+def is_truncated_jpeg(encoded: bytes) -> bool:
+    """Whether `encoded` is a JPEG that ends inside its image data, before its end-of-image marker.
+
+    libjpeg decodes such a file with a warning on stderr and grey where the data stops. The file's
+    segments are walked from its start, their lengths skipped and each scan's data searched for the marker
+    that ends it, up to the first end-of-image marker (0xFF 0xD9); what follows it (a trailer, a second
+    picture, the video of a phone's motion photo) is not read. Data that is not a JPEG structure is left
+    to the decoder to refuse.
     """
     if not encoded.startswith(b"\xff\xd8"):
         return False
-    return encoded.rfind(b"\xff\xd9") < encoded.rfind(b"\xff\xda")
+    position, size, scanned = 2, len(encoded), False
+    while position + 1 < size:
+        if encoded[position] != 0xFF:
+            return False  # not a marker where one must be: corrupt, not truncated
+        marker = encoded[position + 1]
+        if marker == 0xD9:
+            return False
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            position += 1 if marker == 0xFF else 2  # fill byte, or a marker without a segment
+            continue
+        position += 2 + int.from_bytes(encoded[position + 2:position + 4], "big")
+        if marker == 0xDA:  # start of scan: its entropy-coded data runs to the next marker
+            scanned = True
+            found = _MARKER_AFTER_SCAN.search(encoded, position)
+            if found is None:
+                return True
+            position = found.start()
+    # The data ended before the end-of-image marker. Cut before any image data, it is no picture at all:
+    # the decoder refuses it.
+    return scanned
 
 
 class DetectionDataset(Dataset):

@@ -172,7 +172,10 @@ def test_truncated_jpeg_is_named_instead_of_decoded_with_grey(tmp_path):
     trailer.write_bytes(photo + b"\x00trailer")
     two_pictures = tmp_path / "two.jpg"
     two_pictures.write_bytes(photo + photo)
-    for path in (trailer, two_pictures):
+    # A phone's motion photo appends a video, whose bytes hold start-of-scan patterns by chance.
+    motion = tmp_path / "motion.jpg"
+    motion.write_bytes(photo + b"\x00\x00\x00\x18ftypmp42" + b"\xff\xda\x00\x0c" + bytes(range(256)) * 8)
+    for path in (trailer, two_pictures, motion):
         assert np.array_equal(load_image(path), complete)
     ok, progressive = cv2.imencode(".jpg", complete[..., ::-1], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
     assert ok and progressive.tobytes().count(b"\xff\xda") > 1
