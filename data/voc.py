@@ -256,11 +256,12 @@ def parse_voc_xml(
     return record
 
 
-def read_split_file(path: str | Path) -> list[str]:
+def read_split_file(path: str | Path, flag_column: bool = False) -> list[str]:
     """Ids of a split list, one per non-empty line; a trailing image/XML extension is removed.
 
-    A line is the whole id, spaces included (labelImg keeps file names such as ``IMG 001.jpg``), except
-    in VOC's class-specific lists, whose lines are an id and a flag of -1, 0 or 1: there the id is the
+    A line is the whole id, spaces included (labelImg keeps file names such as ``IMG 001.jpg`` or
+    ``raccoon 1.jpg``). With ``flag_column`` (a VOCdevkit's ImageSets/Main, whose ids have no spaces) a
+    line may also be an id and a flag of -1, 0 or 1, as in VOC's class-specific lists: the id is then the
     first column. The file is read as UTF-8, with or without a byte-order mark. Raises SplitFileError
     naming the file when it is missing, not UTF-8, lists no id or lists one twice.
     """
@@ -278,7 +279,8 @@ def read_split_file(path: str | Path) -> list[str]:
         columns = line.split()
         if not columns:
             continue
-        token = columns[0] if len(columns) == 2 and columns[1] in ("-1", "0", "1") else line.strip()
+        flagged = flag_column and len(columns) == 2 and columns[1] in ("-1", "0", "1")
+        token = columns[0] if flagged else line.strip()
         for ext in (*IMAGE_EXTENSIONS, ".xml"):
             if token.endswith(ext):
                 token = token[: -len(ext)]
@@ -392,7 +394,7 @@ def load_vocdevkit(
             raise DataError(f"{base}: VOC folder not found (available in {root}: {available})")
         split_path = base / "ImageSets" / "Main" / f"{split}.txt"
         split_files.append(split_path)
-        for image_id in read_split_file(split_path):
+        for image_id in read_split_file(split_path, flag_column=True):
             if image_id in seen:
                 raise SplitFileError(
                     f"{split_path}: image id {image_id!r} already listed by {seen[image_id]}; "

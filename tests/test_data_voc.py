@@ -100,8 +100,10 @@ def test_class_list_checks():
 
 
 def test_class_specific_split_file_reads_first_column():
-    ids = read_split_file(VOCDEVKIT / "VOC2007" / "ImageSets" / "Main" / "person_trainval.txt")
+    ids = read_split_file(VOCDEVKIT / "VOC2007" / "ImageSets" / "Main" / "person_trainval.txt", flag_column=True)
     assert ids == ["000001", "000002", "000003"]
+    records = load_vocdevkit(VOCDEVKIT, [("VOC2007", "person_trainval")], cache_dir=None)
+    assert [r.image_id for r in records] == ids
 
 
 def test_missing_split_file_lists_available_splits():
@@ -233,13 +235,18 @@ def test_split_file_encodings_and_ids_with_spaces(tmp_path):
     split.write_text("a\nb\n", encoding="utf-16")
     with pytest.raises(SplitFileError, match=r"train\.txt: not a UTF-8 text file"):
         read_split_file(split)
-    # labelImg keeps file names with spaces; VOC's class-specific lists are an id and a flag.
+    # labelImg keeps file names with spaces, also ones that end like a flag of VOC's class-specific
+    # lists, which are an id and a flag and only read as such in a VOCdevkit.
     split.write_text("IMG 001.jpg\nIMG 002\n000005 -1\n000007  1\n")
-    assert read_split_file(split) == ["IMG 001", "IMG 002", "000005", "000007"]
-    images, annotations = labelimg_folder(tmp_path / "d", {"IMG 001": (20, 20, [("cat", (1, 1, 5, 5), 0)])})
-    split.write_text("IMG 001\n")
-    (record,) = load_image_folder(images, annotations, ["cat"], split_file=split, cache_dir=None)
-    assert record.image_id == "IMG 001" and record.image_path.name == "IMG 001.jpg"
+    assert read_split_file(split) == ["IMG 001", "IMG 002", "000005 -1", "000007  1"]
+    assert read_split_file(split, flag_column=True) == ["IMG 001", "IMG 002", "000005", "000007"]
+    images, annotations = labelimg_folder(tmp_path / "d", {"IMG 001": (20, 20, [("cat", (1, 1, 5, 5), 0)]),
+                                                          "raccoon": (20, 20, [("cat", (1, 1, 5, 5), 0)]),
+                                                          "raccoon 1": (20, 20, [("cat", (2, 2, 9, 9), 0)])})
+    split.write_text("IMG 001\nraccoon 1\n")
+    records = load_image_folder(images, annotations, ["cat"], split_file=split, cache_dir=None)
+    assert [(r.image_id, r.image_path.name) for r in records] == [("IMG 001", "IMG 001.jpg"),
+                                                                   ("raccoon 1", "raccoon 1.jpg")]
 
 
 def test_an_empty_split_is_an_error(tmp_path):
