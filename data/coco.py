@@ -83,9 +83,10 @@ def _check_entries(dataset: dict, annotation_json: Path) -> None:
             raise AnnotationError(f"{annotation_json}: annotations[{i}] id {ann_id!r} {why}")
         seen.add(ann_id)
         where = f"{annotation_json}: annotation {ann_id}"
-        if ann.get("image_id") not in image_ids or not _is_int(ann.get("image_id")):
+        # The type first: `in` on a set raises TypeError for a list or dict.
+        if not _is_int(ann.get("image_id")) or ann["image_id"] not in image_ids:
             raise AnnotationError(f"{where} refers to image_id {ann.get('image_id')!r}, which no image has")
-        if ann.get("category_id") not in category_ids or not _is_int(ann.get("category_id")):
+        if not _is_int(ann.get("category_id")) or ann["category_id"] not in category_ids:
             raise AnnotationError(
                 f"{where} has category_id {ann.get('category_id')!r}, which is not among the categories "
                 f"{sorted(category_ids)}"
@@ -151,12 +152,15 @@ def load_coco(
         labels = np.array([cat_to_label[a["category_id"]] for a in anns], dtype=np.int64)
         crowd = np.array([a.get("iscrowd", 0) == 1 for a in anns], dtype=bool)
         boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-        bad = (xywh[:, 2] <= 0) | (xywh[:, 3] <= 0)
-        clipped = boxes.copy()
+        # Judged in float32, the precision ImageRecord keeps: a box narrower than that would be stored
+        # with no width.
+        boxes_stored = boxes.astype(np.float32)
+        bad = (xywh[:, 2] <= 0) | (xywh[:, 3] <= 0) | np.any(boxes_stored[:, 2:] <= boxes_stored[:, :2], axis=1)
+        clipped = boxes_stored.astype(np.float64)
         np.clip(clipped[:, 0::2], 0, width, out=clipped[:, 0::2])
         np.clip(clipped[:, 1::2], 0, height, out=clipped[:, 1::2])
         outside = ~bad & ((clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1]))
-        moved = ~bad & ~outside & np.any(clipped != boxes, axis=1)
+        moved = ~bad & ~outside & np.any(clipped != boxes_stored, axis=1)
         for i in np.flatnonzero(bad | outside):
             stats.note(logger, logging.WARNING,
                        f"{annotation_json}: dropped annotation {ann_ids[i]} of image {img_id} bbox {xywh[i].tolist()}")

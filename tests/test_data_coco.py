@@ -71,6 +71,23 @@ def test_degenerate_and_outside_boxes(tmp_path):
     assert "annotation 1 of image 7" in s.problems[0]
 
 
+def test_a_box_narrower_than_float32_keeps_is_dropped(tmp_path):
+    # 3000.5 + 1e-4 is 3000.5 in float32, the precision records keep: the box would reach the
+    # transforms with no width and stop the loader there, without a file's name.
+    data = base(tmp_path)
+    data["images"][0].update(width=4000)
+    data["annotations"] = [
+        {"id": 1, "image_id": 7, "category_id": 1, "bbox": [3000.5, 10, 1e-4, 20], "iscrowd": 0},
+        {"id": 2, "image_id": 7, "category_id": 1, "bbox": [10.3, 20.7, 30.1, 40.9], "iscrowd": 0},
+    ]
+    records, _ = load_coco(RACCOON / "images", write_json(tmp_path / "a.json", data))
+    np.testing.assert_array_equal(records[0].boxes, np.array([[10.3, 20.7, 40.4, 61.6]], np.float32))
+    s = records.stats
+    # a coordinate that float32 only rounds is not counted as clipped
+    assert (s.boxes_kept, s.boxes_dropped, s.boxes_clipped) == (1, 1, 0)
+    assert "dropped annotation 1 of image 7" in s.problems[0]
+
+
 def test_bad_files_name_the_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -105,6 +122,10 @@ def _annotation(**fields):
         # pycocotools would index these without a word: boxes lost or given to another image.
         (lambda d: d["annotations"].append(_annotation(image_id="7")), r"annotation 1 refers to image_id '7'"),
         (lambda d: d["annotations"].append(_annotation(image_id=8)), r"annotation 1 refers to image_id 8"),
+        # A list or dict cannot be looked up in a set: a TypeError without the file's name.
+        (lambda d: d["annotations"].append(_annotation(image_id=[7])), r"annotation 1 refers to image_id \[7\]"),
+        (lambda d: d["annotations"].append(_annotation(category_id={"id": 1})),
+         r"annotation 1 has category_id \{'id': 1\}, which is not among"),
         (lambda d: d["images"].append(dict(d["images"][0], file_name="other.jpg")), r"images id 7 is used more"),
         (lambda d: d["annotations"].extend([_annotation(), _annotation()]), r"annotations\[1\] id 1 is used more"),
         (lambda d: d["categories"].append({"id": 1, "name": "dog"}), r"categories id 1 is used more"),
