@@ -31,7 +31,7 @@ from data.errors import ImageReadError
 from data.transforms import build_eval_transform, normalize_images
 from model.loss import score_activation_for
 from utils.atomic_file import atomic_file
-from utils.builders import detector_from_checkpoint
+from utils.builders import checkpoint_config, detector_from_checkpoint
 from utils.checkpoint import INFERENCE_KEYS, load_checkpoint
 from utils.engine import resolve_device
 from utils.errors import USER_ERRORS
@@ -200,14 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         files = resolve_inputs(args.input)
         checkpoint = load_checkpoint(args.checkpoint, require=INFERENCE_KEYS)
-        class_names = list(checkpoint["class_names"])
         device = resolve_device(args.device, "--device")
         detector = detector_from_checkpoint(checkpoint, args.checkpoint).to(device).eval()
+        class_names = list(checkpoint["class_names"])  # checked by detector_from_checkpoint
         transform = build_eval_transform(detector.image_size)
-        activation = score_activation_for(checkpoint["config"]["loss"]["classification"])
+        saved = checkpoint_config(checkpoint, args.checkpoint)
+        activation = score_activation_for(saved.loss.classification)
         box_voting_iou = args.box_voting_iou
         if box_voting_iou is None:
-            box_voting_iou = checkpoint["config"].get("eval", {}).get("box_voting_iou")
+            box_voting_iou = saved.eval.box_voting_iou
         if box_voting_iou is not None and not 0.0 <= box_voting_iou <= 1.0:
             raise InputError(f"--box-voting-iou must be in [0, 1] (0 turns voting off), got {box_voting_iou}")
         box_voting_iou = box_voting_iou or None

@@ -22,6 +22,7 @@ from model.loss import MultiBoxLoss
 from utils.checkpoint import CheckpointError
 from utils.config import (
     AugmentConfig,
+    Config,
     ConfigError,
     DataConfig,
     LossConfig,
@@ -177,30 +178,46 @@ def build_optimizer(train: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=train.lr, foreach=True)
 
 
+def checkpoint_config(checkpoint: dict, path: str | Path) -> Config:
+    """The config a checkpoint was trained with, defaults filled in; CheckpointError naming the file when it
+    cannot be read."""
+    try:
+        return config_from_dict(checkpoint["config"])
+    except ConfigError as error:
+        raise CheckpointError(f"checkpoint {path}: its saved config cannot be read: {error}") from None
+
+
 def detector_from_checkpoint(checkpoint: dict, path: str | Path, class_names: list[str] | None = None) -> TinyDetector:
     """Rebuild the model a checkpoint was trained with and load its weights.
 
     The architecture comes from the checkpoint's own config, so a checkpoint always loads into the model
     that wrote it; `class_names`, when given, must equal the checkpoint's classes.
     """
-    saved_classes = list(checkpoint.get("class_names", []))
+    saved_classes = checkpoint.get("class_names")
+    if not (isinstance(saved_classes, (list, tuple)) and saved_classes
+            and all(isinstance(name, str) for name in saved_classes)):
+        raise CheckpointError(f"checkpoint {path}: 'class_names' must be a list of class names, got {saved_classes!r}")
+    saved_classes = list(saved_classes)
     if class_names is not None and saved_classes != list(class_names):
         raise CheckpointError(
             f"checkpoint {path} was trained for {len(saved_classes)} classes {saved_classes}, but the config "
             f"lists {len(class_names)}: {list(class_names)}"
         )
-    try:
-        saved = config_from_dict(checkpoint["config"])
-    except ConfigError as error:
-        raise CheckpointError(f"checkpoint {path}: its saved config cannot be read: {error}") from None
+    saved = checkpoint_config(checkpoint, path)
     saved_model = saved.model
     saved_model.pretrained = False  # the checkpoint holds every weight
     saved_model.weights_path = None
     detector = build_model(saved_model, len(saved_classes), saved.loss.classification)
     # The weight average is what training evaluated and selected best.pt by, so it is what gets used.
-    weights = checkpoint["ema"]["module"] if checkpoint.get("ema") else checkpoint["model"]
+    if checkpoint.get("ema"):
+        ema = checkpoint["ema"]
+        weights, entry = (ema.get("module") if isinstance(ema, dict) else None), "ema.module"
+    else:
+        weights, entry = checkpoint.get("model"), "model"
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"checkpoint {path}: '{entry}' is not a state dict (got {type(weights).__name__})")
     try:
         detector.load_state_dict(weights)
-    except RuntimeError as error:
+    except (RuntimeError, TypeError, AttributeError) as error:
         raise CheckpointError(f"checkpoint {path} does not fit the model it describes: {error}") from None
     return detector
