@@ -19,7 +19,7 @@ from data.dataset import DetectionDataset
 from data.transforms import build_eval_transform
 from model.loss import score_activation_for
 from utils.atomic_file import atomic_file
-from utils.builders import detector_from_checkpoint, load_split_records, prepare_synthetic
+from utils.builders import checkpoint_config, detector_from_checkpoint, load_split_records, prepare_synthetic
 from utils.checkpoint import INFERENCE_KEYS, load_checkpoint
 from utils.config import load_config
 from utils.distributed import DistributedContext
@@ -28,7 +28,7 @@ from utils.errors import USER_ERRORS
 from utils.evaluation import EvaluationResult, check_countable_boxes, evaluate_detections
 from utils.output_dir import prepare_output_dir
 from utils.pr_curves import plot_pr_curves
-from utils.voc_results import read_voc_results, write_voc_results
+from utils.voc_results import read_voc_results, writable_image_id, write_voc_results
 
 logger = logging.getLogger("eval")
 
@@ -86,6 +86,18 @@ def report(result: EvaluationResult, output_dir: Path, extra: dict[str, Any]) ->
     print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'pr_curves.png'}")
 
 
+def write_results_files(output_dir: Path, detections: list, class_names: list[str]) -> None:
+    """The devkit's per-class results files, unless an image id cannot be written in one (a warning says so)."""
+    unwritable = [d.image_id for d in detections if not writable_image_id(d.image_id)]
+    if unwritable:
+        logger.warning(
+            "VOC results files not written: %d image ids contain whitespace, which their lines cannot hold "
+            "(first: %r); the metrics above were computed without them", len(unwritable), unwritable[0]
+        )
+        return
+    write_voc_results(output_dir, detections, class_names)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -123,13 +135,14 @@ def main(argv: list[str] | None = None) -> int:
                 amp_dtype=resolve_amp_dtype(cfg.train.amp, device), channels_last=channels_last,
                 min_score=cfg.eval.min_score, max_overlap=cfg.eval.max_overlap, top_k=cfg.eval.top_k,
                 context=DistributedContext(),
-                activation=score_activation_for(checkpoint["config"]["loss"]["classification"]),
+                activation=score_activation_for(checkpoint_config(checkpoint, args.checkpoint).loss.classification),
                 box_voting_iou=cfg.eval.box_voting_iou,
             )  # fmt: skip
-            write_voc_results(output_dir, detections, class_names)
             extra = {"checkpoint": str(args.checkpoint), "epoch": checkpoint.get("epoch")}
         result = evaluate_detections(detections, records, class_names, coco=cfg.eval.coco_metrics and not args.no_coco)
         report(result, output_dir, extra | {"n_images": len(records)})
+        if not args.results_dir:  # after the metrics, which do not depend on them
+            write_results_files(output_dir, detections, class_names)
     except USER_ERRORS as error:
         logger.error("%s", error)
         return 2

@@ -211,6 +211,54 @@ def test_a_checkpoint_without_classes_or_config_is_named(trained, tmp_path, capf
     assert err.count(f"checkpoint {bare} lacks ['class_names']") == 2
 
 
+def test_a_checkpoint_with_a_partial_config_runs_and_broken_entries_are_named(trained, tmp_path, capfd):
+    checkpoint = load_checkpoint(trained["best"])
+    # A config without its loss and eval sections (a hand-made or converted checkpoint) gets the defaults,
+    # as the model was built with them; it used to stop with KeyError: 'loss'.
+    partial = dict(checkpoint, config={k: v for k, v in checkpoint["config"].items() if k not in ("loss", "eval")})
+    torch.save(partial, tmp_path / "partial.pt")
+    image = tmp_path / "photo.jpg"
+    cv2.imwrite(str(image), np.zeros((32, 32, 3), np.uint8))
+    assert detect_module.main(["--checkpoint", str(tmp_path / "partial.pt"), "--input", str(image),
+                               "--output-dir", str(tmp_path / "d")]) == 0  # fmt: skip
+    assert eval_module.main(["--config", DEMO, "--checkpoint", str(tmp_path / "partial.pt"), "--output-dir",
+                             str(tmp_path / "e"), *trained["overrides"]]) == 0  # fmt: skip
+    broken = {
+        "classes.pt": (dict(checkpoint, class_names=None), "'class_names' must be a list of class names, got None"),
+        "ema.pt": (dict(checkpoint, ema={"decay": 0.9}), "'ema.module' is not a state dict (got NoneType)"),
+        "model.pt": (dict(checkpoint, ema=None, model=[1, 2]), "'model' is not a state dict (got list)"),
+    }
+    capfd.readouterr()
+    for name, (content, message) in broken.items():
+        torch.save(content, tmp_path / name)
+        assert detect_module.main(["--checkpoint", str(tmp_path / name), "--input", str(image),
+                                   "--output-dir", str(tmp_path / "d")]) == 2  # fmt: skip
+        assert f"checkpoint {tmp_path / name}: {message}" in capfd.readouterr().err
+
+
+def test_image_ids_with_spaces_are_evaluated_without_results_files(trained, tmp_path, capfd, monkeypatch):
+    real = eval_module.load_split_records
+
+    def phone_photo_names(data, split):  # ids as labelImg gives them for photos such as "IMG 0001.jpg"
+        records = real(data, split)
+        for record in records:
+            record.image_id = f"IMG {record.image_id}"
+        return records
+
+    out = tmp_path / "e"
+    args = ["--config", DEMO, "--checkpoint", str(trained["best"]), "--output-dir", str(out), *trained["overrides"]]
+    assert eval_module.main(args) == 0
+    expected = printed_map(capfd.readouterr().out)
+    monkeypatch.setattr(eval_module, "load_split_records", phone_photo_names)
+    for results in out.glob("comp4_det_test_*.txt"):
+        results.unlink()
+    assert eval_module.main(args) == 0
+    captured = capfd.readouterr()
+    assert printed_map(captured.out) == expected
+    assert "VOC results files not written" in captured.err and "'IMG " in captured.err
+    assert (out / "metrics.json").is_file() and not list(out.glob("comp4_det_test_*.txt"))
+
+
 def test_eval_of_a_split_without_countable_boxes_is_named(trained, tmp_path, capfd, monkeypatch):
     real = eval_module.load_split_records
 

@@ -150,9 +150,25 @@ def test_write_rejects_bad_input_before_writing_anything(tmp_path):
         write_voc_results(tmp_path / "out", [det("a", [[1, 1, 2, 2]], [4], [0.5])], NAMES)
     with pytest.raises(ResultsFormatError, match="image id 'a b' is empty or contains whitespace"):
         write_voc_results(tmp_path / "out", [det("a b", [[1, 1, 2, 2]], [1], [0.5])], NAMES)
-    with pytest.raises(ResultsFormatError, match="class name 'pot plant' cannot be used"):
-        write_voc_results(tmp_path / "out", [], ["pot plant"])
+    with pytest.raises(ResultsFormatError, match="class name 'pot/plant' cannot be used"):
+        write_voc_results(tmp_path / "out", [], ["pot/plant"])
     assert not (tmp_path / "out").exists()
+
+
+def test_class_names_with_spaces_round_trip(tmp_path):
+    # COCO's category names include "traffic light": a space is fine in a file name.
+    names = ["traffic light", "stop sign"]
+    written = [det("a", [[1, 1, 5, 5], [2, 2, 8, 9]], [1, 2], [0.5, 0.25])]
+    paths = write_voc_results(tmp_path, written, names)
+    assert [p.name for p in paths] == ["comp4_det_test_traffic light.txt", "comp4_det_test_stop sign.txt"]
+    (read,) = read_voc_results(tmp_path, names, ["a"])
+    assert read.labels.tolist() == [1, 2] and read.scores.tolist() == [0.5, 0.25]
+
+
+def test_read_names_an_evaluated_id_no_results_file_can_list(tmp_path):
+    write_voc_results(tmp_path, [], NAMES)
+    with pytest.raises(ResultsFormatError, match="image id 'raccoon 143' is empty or contains whitespace"):
+        read_voc_results(tmp_path, NAMES, ["a", "raccoon 143"])
 
 
 def test_write_failure_leaves_no_partial_files(tmp_path, monkeypatch):

@@ -44,15 +44,21 @@ def _check_class_names(class_names: Sequence[str]) -> tuple[str, ...]:
     if not names:
         raise ResultsFormatError("class_names is empty")
     for name in names:
-        if not name or any(ch.isspace() for ch in name) or "/" in name or os.sep in name:
+        # Spaces are fine in a file name (COCO has "traffic light"); a separator or NUL is not.
+        if not name or "/" in name or os.sep in name or "\0" in name:
             raise ResultsFormatError(f"class name {name!r} cannot be used in a results file name")
     if len(set(names)) != len(names):
         raise ResultsFormatError(f"class names are not unique: {list(names)}")
     return names
 
 
+def writable_image_id(image_id: str) -> bool:
+    """Whether a results line can hold `image_id`: its fields are separated by whitespace."""
+    return bool(image_id) and not any(ch.isspace() for ch in image_id)
+
+
 def _check_image_id(image_id: str, where: str) -> None:
-    if not image_id or any(ch.isspace() for ch in image_id):
+    if not writable_image_id(image_id):
         raise ResultsFormatError(f"{where}: image id {image_id!r} is empty or contains whitespace")
 
 
@@ -198,6 +204,8 @@ def read_voc_results(
     if not results_dir.is_dir():
         raise ResultsFormatError(f"{results_dir}: results directory does not exist")
     image_ids = [str(i) for i in known_image_ids]
+    for image_id in image_ids:
+        _check_image_id(image_id, f"{results_dir}: the evaluated split (results files cannot list it)")
     image_index = {image_id: i for i, image_id in enumerate(image_ids)}
     if len(image_index) != len(image_ids):
         duplicate = next(i for i, count in Counter(image_ids).items() if count > 1)
