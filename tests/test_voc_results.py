@@ -112,6 +112,10 @@ def test_read_skips_blank_lines(tmp_path):
         ("a 0.5 10 1 5 5\n", r"comp4_det_test_dog.txt:1: box .* xmax < xmin - 1"),
         ("a 0.5 1 1 5 5\n\nzz 0.5 1 1 5 5\n", r"comp4_det_test_dog.txt:3: unknown image id 'zz'"),
         ("a 0.5 1 1 5 5\nabcdef 0.5 1 1 5 5\n", r"comp4_det_test_dog.txt:2: unknown image id 'abcdef'"),
+        # line numbers count newlines only, as numpy's reader does (str.splitlines also splits at \x0c)
+        ("a 0.5 1 1 5 5\x0c\nb 0.5 1 1 5 5\nzz 0.5 1 1 5 5\n", r"comp4_det_test_dog.txt:3: unknown image id 'zz'"),
+        # Python's float() takes 1_0, numpy's reader does not: the line is still found
+        ("a 0.5 1 1 5 5\na 1_0 1 1 5 5\n", r"comp4_det_test_dog.txt:2: score '1_0' is not a number"),
     ],
 )
 def test_read_rejects_malformed_lines_naming_file_and_line(tmp_path, content, message):

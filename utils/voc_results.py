@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import warnings
 from collections import Counter
@@ -113,9 +114,19 @@ def _nonblank_line_numbers(lines: list[str]) -> list[int]:
     return [number for number, line in enumerate(lines, start=1) if line.split()]
 
 
+# The numbers numpy's reader takes (Python's float() also takes '1_0' and non-ASCII digits).
+_NUMBER = re.compile(r"[+-]?((\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|inf|infinity|nan)", re.ASCII | re.IGNORECASE)
+
+
+def _file_lines(text: str) -> list[str]:
+    """The lines as numpy's reader counts them: read_text has turned \\r\\n and \\r into \\n, and
+    str.splitlines would also split at form feeds and other separators."""
+    return text.split("\n")
+
+
 def _syntax_error(path: Path, text: str) -> ResultsFormatError | None:
     """The first line without 6 fields or with a non-number, as an error naming file and line."""
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(_file_lines(text), start=1):
         fields = line.split()
         if not fields:
             continue
@@ -124,9 +135,7 @@ def _syntax_error(path: Path, text: str) -> ResultsFormatError | None:
                 f"{path}:{number}: expected 6 fields '{RESULTS_FIELDS}', got {len(fields)}: {line.strip()!r}"
             )
         for name, value in zip(RESULTS_FIELDS.split()[1:], fields[1:], strict=True):
-            try:
-                float(value)
-            except ValueError:
+            if not _NUMBER.fullmatch(value):
                 return ResultsFormatError(f"{path}:{number}: {name} {value!r} is not a number")
     return None
 
@@ -160,7 +169,7 @@ def _parse_results_file(
 
     def locate(row: int) -> tuple[int, str]:
         """File line number and text of table row `row` (only on the error path)."""
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = _file_lines(path.read_text(encoding="utf-8"))
         number = _nonblank_line_numbers(lines)[row]
         return number, lines[number - 1]
 
