@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -263,7 +264,10 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
     check_countable_boxes(test_records, "test split")
     class_names = list(cfg.data.classes)
 
-    model = build_model(cfg.model, len(class_names), cfg.loss.classification).to(device)
+    # A resumed run takes every weight from its checkpoint: the ImageNet weights it started from are not
+    # read again, so a moved weights file or an offline machine does not stop it.
+    model_config = cfg.model if resume is None else dataclasses.replace(cfg.model, pretrained=False, weights_path=None)
+    model = build_model(model_config, len(class_names), cfg.loss.classification).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     criterion = build_criterion(cfg.loss, model).to(device)

@@ -235,6 +235,22 @@ def test_offline_pretrained_weights_stop_with_instructions(tmp_path, monkeypatch
     assert "width_mult=1.0" in capfd.readouterr().err
 
 
+def test_a_run_started_from_imagenet_weights_resumes_without_them(tmp_path, monkeypatch):
+    from tests.test_model import torchvision_state_dict
+
+    weights = tmp_path / "vgg16.pth"
+    torch.save(torchvision_state_dict(batch_norm=True), weights)  # the demo model is VGG16-BN
+    overrides = tiny_overrides(tmp_path, name="pre", epochs=1)
+    assert train_module.main(["--config", str(REPO / "configs" / "demo.yaml"), "--no-progress", *overrides,
+                              "model.pretrained=true", f"model.weights_path={weights}", "model.width_mult=1.0"]) == 0
+    # The file is gone (or the machine offline): last.pt holds every weight, so the resume does not need it.
+    weights.unlink()
+    monkeypatch.setattr("model.vgg.load_state_dict_from_url", lambda *args, **kwargs: pytest.fail("downloaded"))
+    last = tmp_path / "runs" / "pre" / "last.pt"
+    assert train_module.main(["--resume", str(last), "--no-progress", "train.epochs=2"]) == 0
+    assert load_checkpoint(last)["epoch"] == 2
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_freed_activation_memory_stays_in_the_process_on_glibc():
     assert keep_freed_memory_in_process() is True
