@@ -244,7 +244,10 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
     else:
         configure_cpu_training()
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    if resume is None and (run_dir / "last.pt").exists():
+    # A folder holding a run is only written by that run's own resume: a new run, or a resume sent there by
+    # run.name / run.output_dir, would replace its checkpoints and mix its metrics.
+    own_folder = resume is not None and run_dir.resolve() == Path(resume).resolve().parent
+    if not own_folder and (run_dir / "last.pt").exists():
         raise ConfigError(
             f"{run_dir} already holds a run (last.pt): continue it with --resume {run_dir / 'last.pt'}, or "
             "give this one another run.name (or delete the folder)"

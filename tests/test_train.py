@@ -320,6 +320,15 @@ def test_a_new_run_does_not_overwrite_a_folder_holding_one(tmp_path, capfd):
     assert train_module.main(argv) == 2
     assert "already holds a run (last.pt): continue it with --resume" in capfd.readouterr().err
     assert (Path(run_dir(cfg)) / "last.pt").read_bytes() == before
+    # Nor does a resume of another run sent there by run.name; into an empty folder it may go.
+    other = tiny_config(tmp_path, name="other", epochs=1)
+    train_module.train(other, show_progress=False)
+    other_last = str(Path(run_dir(other)) / "last.pt")
+    assert train_module.main(["--resume", other_last, "--no-progress", "train.epochs=2", "run.name=taken"]) == 2
+    assert "taken already holds a run (last.pt)" in capfd.readouterr().err
+    assert (Path(run_dir(cfg)) / "last.pt").read_bytes() == before
+    assert train_module.main(["--resume", other_last, "--no-progress", "train.epochs=2", "run.name=fork"]) == 0
+    assert load_checkpoint(tmp_path / "runs" / "fork" / "last.pt")["epoch"] == 2
 
 
 def test_a_checkpoint_without_the_training_state_is_named(tmp_path, capfd):
