@@ -325,6 +325,12 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
+            # The optimizer restored the rate of the saved schedule. With another train.epochs the schedule is
+            # another one: the next step takes its rate from it, as every later step does. Unchanged, this
+            # recomputes the same value.
+            for group, base_lr, lr_lambda in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas,
+                                                 strict=True):
+                group["lr"] = base_lr * lr_lambda(scheduler.last_epoch)
             # A run saved without fp16 has an empty scaler state; resumed under fp16 it starts a fresh scaler.
             if checkpoint["scaler"]:
                 scaler.load_state_dict(checkpoint["scaler"])

@@ -276,6 +276,21 @@ def test_metrics_after_a_crash_and_resume_read_as_an_uninterrupted_run(tmp_path,
     assert metric_records(run_dir(crashed)) == metric_records(run_dir(straight))
 
 
+def test_a_resume_with_more_epochs_steps_at_the_longer_schedule_rates(tmp_path):
+    longer = tiny_config(tmp_path, name="longer", epochs=3)
+    train_module.train(longer, show_progress=False)
+    extended = tiny_config(tmp_path, name="extended", epochs=2)
+    train_module.train(extended, show_progress=False)
+    last = os.path.join(run_dir(extended), "last.pt")
+    assert train_module.main(["--resume", last, "--no-progress", "train.epochs=3"]) == 0
+
+    def third_epoch_rates(folder):
+        return [r["lr"] for r in metric_records(folder) if r["type"] == "train" and r["epoch"] == 3]
+
+    # The first resumed step used the 2-epoch schedule's last rate (its cosine floor) before.
+    assert third_epoch_rates(run_dir(extended)) == third_epoch_rates(run_dir(longer))
+
+
 def test_resume_refuses_changes_that_do_not_fit_the_run_and_leaves_its_files(tmp_path, capfd):
     cfg = tiny_config(tmp_path, name="fixed", epochs=1)
     train_module.train(cfg, show_progress=False)
