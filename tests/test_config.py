@@ -86,6 +86,21 @@ def test_unknown_section_is_named(tmp_path):
         ("loss:\n  focal_alpha: 1.5\n", r"'loss.focal_alpha' must be in \[0, 1\]"),
         ("loss:\n  ignore_threshold: 0\n", r"'loss.ignore_threshold' must be in \(0, loss.threshold=0.5\]"),
         ("model:\n  image_size: 32\nloss:\n  matching: atss\n", r"'loss.atss_candidates' \(36\) exceeds the 9 priors"),
+        # accepted before, and then trained wrongly or failed with a traceback
+        ("train:\n  grad_clip_norm: -1\n", "'train.grad_clip_norm' must be null or a finite number > 0, got -1"),
+        ("train:\n  grad_clip_norm: 0\n", "'train.grad_clip_norm' must be null or a finite number > 0, got 0"),
+        ("train:\n  gamma: -1\n", "'train.gamma' must be a finite number > 0, got -1"),
+        ("train:\n  gamma: .nan\n", "'train.gamma' must be a finite number > 0, got nan"),
+        ("train:\n  milestones: [-5]\n", r"'train.milestones' must hold epochs >= 0, got \[-5\]"),
+        ("train:\n  stop_at_map: 90\n", r"'train.stop_at_map' must be in \(0.0, 1.0\], got 90"),
+        ("train:\n  warmup_epochs: .inf\n", "'train.warmup_epochs' must be a finite number, got inf"),
+        ("augment:\n  expand_probability: 2\n", r"'augment.expand_probability' must be in \[0.0, 1.0\], got 2"),
+        ("augment:\n  expand_max_ratio: 0.5\n", "'augment.expand_max_ratio' must be a finite number >= 1"),
+        ("augment:\n  expand_max_ratio: .inf\n", "'augment.expand_max_ratio' must be a finite number >= 1"),
+        ("data:\n  synthetic:\n    image_size: 16\n", "'data.synthetic.image_size' must be at least 32, got 16"),
+        ("model:\n  width_mult: 0.25\n", "'model.pretrained': ImageNet weights only fit model.width_mult=1.0"),
+        ("model:\n  pretrained: false\n  weights_path: vgg.pth\n  width_mult: 0.5\n",
+         "'model.weights_path': ImageNet weights only fit model.width_mult=1.0, got width_mult=0.5"),
         # numpy's seed sequences take non-negative seeds only
         ("run:\n  seed: -1\n", "'run.seed' must be a non-negative integer, got -1"),
         ("data:\n  split_seed: -3\n", "data.split_seed"),
@@ -169,8 +184,10 @@ def test_config_file_that_is_not_utf8_is_named(tmp_path):
 
 
 def test_resume_may_change_where_how_long_and_how_it_evaluates_nothing_else():
-    saved = load_config(None)
-    allowed = load_config(None, ["train.epochs=400", "data.root=/elsewhere", "eval.top_k=100", "train.device=cpu"])
+    narrow = ["model.pretrained=false"]  # ImageNet weights only fit width 1
+    saved = load_config(None, narrow)
+    allowed = load_config(None, [*narrow, "train.epochs=400", "data.root=/elsewhere", "eval.top_k=100",
+                                 "train.device=cpu"])
     assert changes_refused_on_resume(saved, allowed) == []
-    refused = load_config(None, ["train.lr=0.01", "model.width_mult=0.5", "train.epochs=400"])
+    refused = load_config(None, [*narrow, "train.lr=0.01", "model.width_mult=0.5", "train.epochs=400"])
     assert changes_refused_on_resume(saved, refused) == ["model.width_mult: 1.0 -> 0.5", "train.lr: 0.001 -> 0.01"]

@@ -318,6 +318,12 @@ def _check_model_and_loss(model: ModelConfig, loss: LossConfig) -> None:
     loaded, checked when the config is read instead."""
     if not math.isfinite(model.width_mult):
         raise ConfigError(f"config key 'model.width_mult' must be a finite number, got {model.width_mult}")
+    if (model.pretrained or model.weights_path is not None) and model.width_mult != 1.0:
+        given = "model.weights_path" if model.weights_path is not None else "model.pretrained"
+        raise ConfigError(
+            f"config key '{given}': ImageNet weights only fit model.width_mult=1.0, got width_mult="
+            f"{model.width_mult}; set model.pretrained=false (and model.weights_path=null) for a narrower model"
+        )
     if len(model.variances) != 2 or not all(math.isfinite(v) and v > 0 for v in model.variances):
         raise ConfigError(f"config key 'model.variances' must hold 2 finite numbers > 0, got {model.variances}")
     for key, values in (("model.scales", model.scales), ("model.aspect_ratios", model.aspect_ratios)):
@@ -398,12 +404,31 @@ def _check_values(cfg: Config) -> None:
     for key, (value, minimum) in at_least.items():
         if not value >= minimum:  # also refuses NaN
             raise ConfigError(f"config key '{key}' must be at least {minimum}, got {value}")
+    if not math.isfinite(train.warmup_epochs):
+        raise ConfigError(f"config key 'train.warmup_epochs' must be a finite number, got {train.warmup_epochs}")
+    # A clip norm <= 0 zeroes or reverses every gradient; a gamma <= 0 makes the rate 0 or negative.
+    if train.grad_clip_norm is not None and not (math.isfinite(train.grad_clip_norm) and train.grad_clip_norm > 0):
+        raise ConfigError(f"config key 'train.grad_clip_norm' must be null or a finite number > 0, "
+                          f"got {train.grad_clip_norm}")
+    if not (math.isfinite(train.gamma) and train.gamma > 0):
+        raise ConfigError(f"config key 'train.gamma' must be a finite number > 0, got {train.gamma}")
+    if any(not milestone >= 0 for milestone in train.milestones):
+        raise ConfigError(f"config key 'train.milestones' must hold epochs >= 0, got {train.milestones}")
+    augment = cfg.augment
+    if not (math.isfinite(augment.expand_max_ratio) and augment.expand_max_ratio >= 1):
+        raise ConfigError(f"config key 'augment.expand_max_ratio' must be a finite number >= 1 (1 turns zoom-out "
+                          f"off), got {augment.expand_max_ratio}")
+    if cfg.data.synthetic.image_size < 32:
+        raise ConfigError(f"config key 'data.synthetic.image_size' must be at least 32, got {cfg.data.synthetic.image_size}")
     in_range = {  # key: (value, low, high, low included, high included)
         "train.momentum": (train.momentum, 0.0, 1.0, True, False),
         "train.min_lr_ratio": (train.min_lr_ratio, 0.0, 1.0, True, True),
         "eval.min_score": (evaluation.min_score, 0.0, 1.0, True, False),
         "eval.max_overlap": (evaluation.max_overlap, 0.0, 1.0, False, True),
+        "augment.expand_probability": (cfg.augment.expand_probability, 0.0, 1.0, True, True),
     }
+    if train.stop_at_map is not None:  # a mAP is a fraction: 90 would never be reached
+        in_range["train.stop_at_map"] = (train.stop_at_map, 0.0, 1.0, False, True)
     if train.ema_decay is not None:
         in_range["train.ema_decay"] = (train.ema_decay, 0.0, 1.0, False, False)
     for key, (value, low, high, low_in, high_in) in in_range.items():
