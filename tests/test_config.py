@@ -166,6 +166,24 @@ def test_override_errors_name_the_key(tmp_path):
         load_config(path, ["train.epochs"])
 
 
+def test_overrides_merge_into_sections_and_read_values_for_their_key(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 2\n  optimizer: adamw\n  lr: 0.0025\neval:\n")
+    # A section given as a mapping changes its keys; the file's others stay (they were reset to defaults).
+    cfg = load_config(path, ["train={epochs: 5}"])
+    assert (cfg.train.epochs, cfg.train.optimizer, cfg.train.lr) == (5, "adamw", 0.0025)
+    # A key of a section left empty in the file (its defaults) can be set.
+    assert load_config(path, ["eval.top_k=5"]).eval.top_k == 5
+    # A text key takes the text: run names such as a date, or "yes".
+    assert load_config(path, ["run.name=20241127"]).run.name == "20241127"
+    assert load_config(path, ["run.name=yes"]).run.name == "yes"
+    assert load_config(path, ["data.root=1.5"]).data.root == "1.5"
+    # YAML 1.1 would read these as 8, 16 and 1000.
+    for raw in ("010", "0x10", "1_000"):
+        with pytest.raises(ConfigError, match=rf"override 'train.epochs={raw}': write the integer in plain decimal"):
+            load_config(path, [f"train.epochs={raw}"])
+    assert load_config(path, ["run.seed=0", "train.epochs=10"]).train.epochs == 10  # plain decimal, 0 included
+
+
 def test_save_and_reload_round_trip(tmp_path):
     cfg = load_config(write(tmp_path, "train:\n  epochs: 7\n"), ["data.root=/data"])
     save_config(cfg, tmp_path / "saved.yaml")

@@ -252,15 +252,58 @@ def _set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
     parts = dotted_key.split(".")
     node = tree
     for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
+        child = node.get(part)
+        if child is None:  # absent, or an empty section in the file (which means its defaults)
+            child = node[part] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"override '{dotted_key}': '{'.'.join(parts[: i + 1])}' is not a section")
         node = child
-    node[parts[-1]] = value
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        _merge(node[parts[-1]], value)  # `train={epochs: 2}` changes epochs, not the whole section
+    else:
+        node[parts[-1]] = value
+
+
+def _merge(section: dict[str, Any], changes: dict[str, Any]) -> None:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(section.get(key), dict):
+            _merge(section[key], value)
+        else:
+            section[key] = value
+
+
+def _field_type(dotted_key: str) -> Any:
+    """The declared type of a config key, or None when the key names no field."""
+    tp: Any = Config
+    for part in dotted_key.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+        if tp is None:
+            return None
+    return tp
+
+
+# YAML 1.1 reads 010 as octal 8, 0x10 as 16, 1_000 as 1000 and 1:30 as 90 (base 60).
+_NON_DECIMAL_INT = re.compile(r"[-+]?(0[0-9_]+|0[xXoObB].*|[0-9][0-9_]*(:[0-5]?[0-9])+|[0-9]+_[0-9_]*)")
+
+
+def _override_value(key: str, value: Any, raw: str) -> Any:
+    """An override's value read for its key's type: text for a text key (`run.name=2024` is the name
+    "2024", not a number), and an integer only in plain decimal (`train.epochs=010` is refused, not 8)."""
+    tp = _field_type(key)
+    options = set(typing.get_args(tp)) - {type(None)} if typing.get_origin(tp) in (typing.Union, types.UnionType) else {tp}
+    if options == {str} and isinstance(value, (bool, int, float)):
+        return raw.strip()
+    if options == {int} and isinstance(value, int) and not isinstance(value, bool) \
+            and _NON_DECIMAL_INT.fullmatch(raw.strip()):
+        raise ConfigError(f"override '{key}={raw}': write the integer in plain decimal digits")
+    return value
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """Parse `key=value` strings; values are read as YAML scalars/lists (`lr=1e-3`, `x=[1,2]`, `y=null`)."""
+    """Parse `key=value` strings; values are read as YAML scalars/lists (`lr=1e-3`, `x=[1,2]`, `y=null`),
+    then for the key's type (see _override_value)."""
     parsed = []
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -270,7 +313,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as error:
             raise ConfigError(f"override '{item}': cannot parse value {raw!r}: {error}") from None
-        parsed.append((key, value))
+        parsed.append((key, _override_value(key, value, raw)))
     return parsed
 
 
