@@ -8,7 +8,7 @@ from torchvision.ops import box_iou
 
 import utils.postprocess as postprocess
 from model.priors import create_prior_boxes
-from utils.boxes import cxcywh_to_xyxy, decode_boxes
+from utils.boxes import cxcywh_to_xyxy, decode_boxes, encode_boxes
 from utils.postprocess import PostprocessError, detect_objects
 
 
@@ -242,3 +242,24 @@ def test_non_finite_model_outputs_are_named(field, value):
     (locs if field == "locs" else scores)[1, 0, 0] = value
     with pytest.raises(PostprocessError, match=r"NaN or infinite values for images \[1\] of the batch \(1 of 3\)"):
         detect_objects(locs, scores, priors)
+
+
+def test_an_image_is_suppressed_the_same_wherever_it_sits_in_the_batch():
+    # Two class-20 boxes 0.02 wide overlapping by IoU 0.45008, just above max_overlap 0.45: NMS keeps one.
+    # batched_nms shifts each (image, class) group by its index; in float32, image 15's shift of ~670 blurred
+    # the IoU below the threshold and both boxes were kept.
+    priors = create_prior_boxes()
+    first = torch.tensor([0.5, 0.5, 0.52, 0.52])
+    low, high = 0.0, 0.006
+    for _ in range(60):  # the shift of a copy that overlaps it by IoU just above 0.45008
+        mid = (low + high) / 2
+        low, high = (mid, high) if float(box_iou(first[None], (first + mid)[None])) > 0.45008 else (low, mid)
+    locs = torch.zeros(1, 441, 4)
+    scores = torch.full((1, 441, 21), -10.0)
+    locs[0, 0] = encode_boxes(first[None], priors[:1])[0]
+    locs[0, 1] = encode_boxes((first + low)[None], priors[1:2])[0]
+    scores[0, 0, 20], scores[0, 1, 20] = 10.0, 9.0
+    assert len(detect_objects(locs, scores, priors, min_score=0.5)[0].scores) == 1
+    batch = detect_objects(locs.expand(16, -1, -1).contiguous(), scores.expand(16, -1, -1).contiguous(), priors,
+                           min_score=0.5)
+    assert [len(d.scores) for d in batch] == [1] * 16

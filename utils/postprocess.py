@@ -206,6 +206,9 @@ def _batched_class_nms(pair_scores: Tensor, boxes: Tensor, limit: int, min_score
     pair_idx = top_pairs[image_idx, rank]
     cand_boxes = boxes[image_idx, pair_idx // (n_classes - 1)]
     groups = image_idx * n_classes + pair_idx % (n_classes - 1)
-    keep = batched_nms(cand_boxes, top_scores[image_idx, rank], groups, max_overlap)
+    # In float64: batched_nms keeps groups apart by shifting each group's boxes by group * (1 + max coordinate),
+    # hundreds here, where float32 resolves only about 1e-4 of a box in [0, 1] and IoUs near max_overlap
+    # would come out on either side of it depending on the image's place in the batch.
+    keep = batched_nms(cand_boxes.double(), top_scores[image_idx, rank].double(), groups, max_overlap)
     kept_per_image = torch.bincount(image_idx[keep], minlength=pair_scores.shape[0])
     return image_idx, pair_idx, keep, kept_per_image
