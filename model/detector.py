@@ -113,11 +113,13 @@ class TinyDetector(nn.Module):
 
     def predict(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """Prediction convs on the base's ``(N, c, g, g)`` feature map; outputs as :meth:`forward`."""
-        n = features.shape[0]
+        n, _, rows, columns = features.shape
+        n_priors = rows * columns * self.boxes_per_cell
         # NCHW -> NHWC puts the channels of one cell together: (row, column, prior slot, value) is the
         # order of create_prior_boxes. reshape, not view: the permuted tensor is not contiguous in NCHW.
-        locs = self.loc_head(features).permute(0, 2, 3, 1).reshape(n, -1, 4)
-        scores = self.cls_head(features).permute(0, 2, 3, 1).reshape(n, -1, self.n_classes)
+        # The prior count is given, not inferred: a batch of 0 images has no size to infer it from.
+        locs = self.loc_head(features).permute(0, 2, 3, 1).reshape(n, n_priors, 4)
+        scores = self.cls_head(features).permute(0, 2, 3, 1).reshape(n, n_priors, self.n_classes)
         return locs, scores
 
     def detect_objects(self, locs: Tensor, scores: Tensor, min_score: float = 0.01, max_overlap: float = 0.45,

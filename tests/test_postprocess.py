@@ -263,3 +263,15 @@ def test_an_image_is_suppressed_the_same_wherever_it_sits_in_the_batch():
     batch = detect_objects(locs.expand(16, -1, -1).contiguous(), scores.expand(16, -1, -1).contiguous(), priors,
                            min_score=0.5)
     assert [len(d.scores) for d in batch] == [1] * 16
+
+
+def test_an_empty_batch_gives_no_detections():
+    # reshape(n, -1, ...) cannot infer a size from 0 elements: the model and post-processing failed deep inside.
+    from model.detector import TinyDetector
+
+    model = TinyDetector(4, width_mult=0.125).eval()
+    with torch.no_grad():
+        locs, scores = model(torch.zeros(0, 3, 224, 224))
+    assert locs.shape == (0, 441, 4) and scores.shape == (0, 441, 4)
+    assert model.detect_objects(locs, scores) == []
+    assert detect_objects(torch.zeros(0, 441, 4), torch.zeros(0, 441, 21), create_prior_boxes()) == []

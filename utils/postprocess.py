@@ -106,7 +106,8 @@ def detect_objects(locs: Tensor, scores: Tensor, priors_cxcywh: Tensor, *, min_s
     scores = scores.float()
     class_scores = scores.softmax(dim=-1)[..., 1:] if activation == "softmax" else scores[..., 1:].sigmoid()
     boxes = decode_boxes(locs.float(), priors_cxcywh.float(), variances).clamp_(0.0, 1.0)  # (N, P, 4)
-    pair_scores = class_scores.reshape(n_images, -1)  # (N, P * (C - 1)), pair index = prior * (C-1) + class
+    # (N, P * (C - 1)), pair index = prior * (C-1) + class; sizes given, as N may be 0
+    pair_scores = class_scores.reshape(n_images, class_scores.shape[1] * class_scores.shape[2])
 
     n_candidates = (pair_scores > min_score).sum(dim=1)
     limit = min(candidates_per_image, pair_scores.shape[1])
