@@ -16,6 +16,7 @@ import argparse
 import glob
 import json
 import logging
+import math
 import os
 import sys
 from collections import Counter
@@ -163,8 +164,15 @@ def draw_detections(image_rgb: np.ndarray, found: list[dict[str, Any]]) -> np.nd
     """A BGR copy of the image with each box, class name and score drawn."""
     canvas = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
     thickness = max(1, round(min(canvas.shape[:2]) / 200))
+    height, width = canvas.shape[:2]
+    # cv2 draws a line of thickness t > 1 over (t + 1) // 2 pixels on each side of its own: a box on the
+    # border moves in by that much to be seen whole.
+    inset = (thickness + 1) // 2 if thickness > 1 else 0
     for det in found:
-        x1, y1, x2, y2 = (int(round(v)) for v in det["box"])
+        # Continuous pixel coordinates [0, W] to the first and last pixel the box covers.
+        x1, y1, x2, y2 = det["box"]
+        x1, y1 = max(math.floor(x1), inset), max(math.floor(y1), inset)
+        x2, y2 = min(math.ceil(x2) - 1, width - 1 - inset), min(math.ceil(y2) - 1, height - 1 - inset)
         colour = class_colour(det["label"])
         cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, thickness)
         text = f"{det['class']} {det['score']:.2f}"

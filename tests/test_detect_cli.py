@@ -56,3 +56,17 @@ def test_missing_cuda_names_its_source(monkeypatch):
         resolve_device("cuda:0", "--device")
     assert resolve_device("auto", "--device") == torch.device("cpu")
     assert resolve_device("cpu", "--device") == torch.device("cpu")
+
+
+@pytest.mark.parametrize(("side", "thickness"), [(150, 1), (600, 3), (1200, 6)])
+def test_a_box_on_the_image_border_is_drawn_whole(side, thickness):
+    import numpy as np
+
+    image = np.zeros((side, side, 3), np.uint8)
+    box = {"box": [10.0, 10.0, float(side), float(side)], "label": 1, "class": "cat", "score": 0.9}
+    drawn = detect.draw_detections(image, [box]).any(axis=2)
+    # Its right and bottom edges were drawn half (or, 1 pixel thick, not at all) past the last pixel: they
+    # must reach the last pixel and be as wide as the left and top edges.
+    half = side // 2
+    for line in (drawn[half], drawn[:, half]):  # across the left and right edges, the top and bottom ones
+        assert line[-1] and line[half:].sum() == line[10 - thickness:half].sum() >= thickness
