@@ -7,7 +7,7 @@ Each image's drawing is <output-dir>/<name>_detections.jpg. Inputs from several 
 "trips/*/x.jpg") keep their folders below the deepest folder they share, so trips/a/x.jpg and trips/b/x.jpg
 become <output-dir>/a/x_detections.jpg and <output-dir>/b/x_detections.jpg; two images of one folder that
 differ only in extension keep it (x_jpg_detections.jpg, x_png_detections.jpg), and a name still taken
-(x.JPG beside x.jpg) gets a number (x_JPG_2_detections.jpg). detections.json lists each image with its output.
+(x.jpg beside x.JPG, which sorts first) gets a number (x_jpg_2_detections.jpg). detections.json lists each image with its output.
 """
 
 from __future__ import annotations

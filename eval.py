@@ -92,7 +92,7 @@ def write_results_files(output_dir: Path, detections: list, class_names: list[st
     if unwritable:
         logger.warning(
             "VOC results files not written: %d image ids contain whitespace, which their lines cannot hold "
-            "(first: %r); the metrics above were computed without them", len(unwritable), unwritable[0]
+            "(first: %r); the metrics above cover every image", len(unwritable), unwritable[0]
         )
         return
     write_voc_results(output_dir, detections, class_names)

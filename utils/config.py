@@ -131,7 +131,7 @@ class TrainConfig:
     grad_clip_norm: float | None = None
     ema_decay: float | None = None  # e.g. 0.998: evaluate and save an average of the weights
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "auto"  # auto (bf16/fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    amp: str = "auto"  # auto (CUDA: bf16, or fp16 without it; CPU: bf16 with AVX-512 BF16/AMX, else fp32) | fp32 | bf16 | fp16
     channels_last: bool = True
     compile: bool = False
     cudnn_benchmark: bool = True
