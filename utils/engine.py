@@ -183,16 +183,22 @@ def train_one_epoch(
             locs, scores = model(images)
         # The loss runs in fp32: log-softmax and the hard-negative ranking are sensitive to bf16 rounding.
         loss = criterion(locs.float(), scores.float(), boxes, labels)
-        finite = torch.isfinite(loss.total.detach())
+        # One row for the step: (ranks with a non-finite loss, loss, localization, confidence). Under DDP it is
+        # summed over the ranks in one collective, so every rank stops together and the logged loss is the
+        # mean of the ranks' losses, the one the averaged gradients descend, not rank 0's share of the batch.
+        parts = torch.stack([loss.total, loss.localization, loss.confidence]).detach()
+        step_row = torch.cat([(~torch.isfinite(parts[:1])).to(parts.dtype), parts])
         if context.enabled:
-            flag = finite.to(torch.float32)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            finite = flag.bool()
-        if not bool(finite):
+            step_row = step_row.clone()
+            torch.distributed.all_reduce(step_row, op=torch.distributed.ReduceOp.SUM)
+            step_row[1:] /= context.world_size
+        n_non_finite, total, localization, confidence = step_row.tolist()
+        if n_non_finite:
+            where = "" if not math.isfinite(loss.total.item()) else " on another rank"
             raise NonFiniteLossError(
-                f"loss became {loss.total.item()} at epoch {epoch}, step {global_step + 1} "
-                f"(localization {loss.localization.item()}, confidence {loss.confidence.item()}); "
-                "lower train.lr, enable train.grad_clip_norm or check the data"
+                f"loss became {'non-finite' if where else loss.total.item()}{where} at epoch {epoch}, step "
+                f"{global_step + 1} (this rank: localization {loss.localization.item()}, confidence "
+                f"{loss.confidence.item()}); lower train.lr, enable train.grad_clip_norm or check the data"
             )
         optimizer.zero_grad(set_to_none=True)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses; scheduler.step() sets the next one
@@ -213,9 +219,9 @@ def train_one_epoch(
         stats = StepStats(
             epoch=epoch,
             step=global_step,
-            loss=loss.total.item(),
-            localization=loss.localization.item(),
-            confidence=loss.confidence.item(),
+            loss=total,
+            localization=localization,
+            confidence=confidence,
             lr=lr,
             images_per_s=images_per_s,
         )
