@@ -65,7 +65,8 @@ def build_loader(cfg, root: Path, n_images: int, batch_size: int, device: torch.
     workers = cfg.data.num_workers
     loader = build_dataloader(  # as train.py builds it
         SeededSamples(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
-        pin_memory=cfg.data.pin_memory and device.type == "cuda", persistent_workers=True, sampler=sampler,
+        pin_memory=cfg.data.pin_memory and device.type == "cuda", persistent_workers=cfg.data.persistent_workers,
+        sampler=sampler,
         drop_last=True,
     )  # fmt: skip
     return loader, sampler
@@ -214,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    if args.images < cfg.train.batch_size:  # the loader drops the incomplete batch: it would yield none
+        parser.error(f"--images {args.images} is less than train.batch_size {cfg.train.batch_size}: no full batch")
     device = resolve_device(cfg.train.device)
     if device.type == "cpu":
         configure_cpu_training()  # as train.py does

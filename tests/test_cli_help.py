@@ -24,3 +24,17 @@ def test_every_flag_has_a_description(module, capsys):
     for action in parser._actions:
         for flag in action.option_strings:
             assert flag in printed
+
+
+def test_bench_train_refuses_fewer_images_than_a_batch(capsys):
+    # Its loader drops the incomplete batch: with no full one, the loop waited for a batch forever.
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_train
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_train.main(["--images", "3", "train.batch_size=4"])
+    assert exit_info.value.code == 2
+    assert "--images 3 is less than train.batch_size 4" in capsys.readouterr().err
