@@ -26,6 +26,7 @@ from data.dataset import DetectionDataset, build_dataloader
 from data.sampler import ResumableSampler, SeededSamples
 from data.transforms import build_eval_transform
 from model.loss import score_activation_for
+from utils.atomic_file import atomic_file
 from utils.builders import (
     build_augmentation,
     build_criterion,
@@ -119,8 +120,12 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        if self.signal_name is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
+        if self.signal_name is not None:
+            if signum == signal.SIGINT:  # a second Ctrl-C: stop now, without saving (see main)
+                raise KeyboardInterrupt
+            logger.warning("%s received again: still saving last.pt at the end of this step",
+                           signal.Signals(signum).name)
+            return
         self.signal_name = signal.Signals(signum).name
         logger.warning("%s received: saving last.pt at the end of this step", self.signal_name)
 
@@ -160,6 +165,13 @@ def config_for_resume(checkpoint_path: str | Path, overrides: list[str],
         raise CheckpointError(f"checkpoint {checkpoint_path}: its saved config cannot be read: {error}") from None
     cfg = config_from_dict(checkpoint["config"], overrides)
     refused = changes_refused_on_resume(saved, cfg)
+    done, partly = checkpoint.get("epoch", 0), checkpoint.get("batches_done", 0) > 0
+    if cfg.train.epochs < done or (cfg.train.epochs == done and partly):
+        reached = f"{done} epochs and {checkpoint['batches_done']} batches" if partly else f"{done} epochs"
+        raise ConfigError(
+            f"--resume {checkpoint_path}: config key 'train.epochs' = {cfg.train.epochs}, but the checkpoint has "
+            f"trained {reached}; give at least {done + 1 if partly else done}"
+        )
     if refused:
         raise ConfigError(
             f"--resume {checkpoint_path}: {'; '.join(refused)}: these settings belong to the run being resumed "
@@ -440,7 +452,18 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
         )
         return broadcast_object(result.voc.voc07_map, context)
 
+    def reached_stop_map() -> bool:
+        return cfg.train.stop_at_map is not None and last_map is not None and last_map >= cfg.train.stop_at_map
+
     interrupted = False
+    # A resumed run that had stopped on stop_at_map (its checkpoint taken after that evaluation) is complete.
+    if resume is not None and state["batches_done"] == 0 and reached_stop_map():
+        logger.info("VOC07 mAP %.4f of %s already reached train.stop_at_map=%s: nothing to train", last_map,
+                    resume, cfg.train.stop_at_map)
+        start_epoch = cfg.train.epochs  # the loop below runs no epoch
+    elif resume is not None and start_epoch >= cfg.train.epochs:
+        logger.info("%s finished its %d epochs: nothing to train (give train.epochs above %d to train longer)",
+                    resume, start_epoch, start_epoch)
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
             state["epoch"] = epoch
@@ -467,13 +490,15 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
                     best_map = last_map
                     save("best.pt")
             save("last.pt")
+            # A run that reached stop_at_map is complete, also when a stop request came during that evaluation
+            # or save: a resume would otherwise train on past the stop.
+            if reached_stop_map():
+                logger.info("VOC07 mAP %.4f reached train.stop_at_map=%s: stopping", last_map, cfg.train.stop_at_map)
+                break
             # A stop that arrives during the last epoch's evaluation or save finds the run complete.
             if finished < cfg.train.epochs and stop_requested():
                 interrupted = True
                 log_stopped()
-                break
-            if cfg.train.stop_at_map is not None and last_map is not None and last_map >= cfg.train.stop_at_map:
-                logger.info("VOC07 mAP %.4f reached train.stop_at_map=%s: stopping", last_map, cfg.train.stop_at_map)
                 break
     finally:
         stop.restore()
@@ -493,7 +518,11 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
         "wall_time_s": round(elapsed, 1),
     }
     if context.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        try:
+            with atomic_file(run_dir / "summary.json", "w", encoding="utf-8") as handle:
+                handle.write(json.dumps(summary, indent=2))
+        except OSError as error:
+            raise CheckpointError(f"cannot write {run_dir / 'summary.json'}: {error.strerror or error}") from None
         logger.info("done: %s", json.dumps({k: v for k, v in summary.items() if k != "rank_weight_checksums"}))
         if len(set(checksums)) != 1:
             logger.error("ranks ended with different weights: %s", checksums)
@@ -518,6 +547,10 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         logger.error("%s", error)
         return 2
+    except KeyboardInterrupt:
+        logger.error("stopped at once by a second Ctrl-C, without saving: a resume continues from the last "
+                     "last.pt written before it")
+        return 130
     finally:
         cleanup_distributed()
     return 130 if summary["interrupted"] else 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -226,13 +227,25 @@ def collate_detections(batch: Sequence[Sample]) -> Batch:
     return images, boxes, labels, difficult
 
 
+def ignore_interrupts(_worker_id: int | None = None) -> None:
+    """Let a DataLoader worker ignore SIGINT (Ctrl-C); usable as a `worker_init_fn`.
+
+    Ctrl-C reaches the whole process group: each worker ran train.py's stop handler (its message printed
+    once per worker) or died with a traceback. The main process stops the workers when it is done, with
+    SIGTERM, which they keep: a worker that ignored it would hold its parent's exit.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def worker_init_fn(worker_id: int) -> None:
-    """Seed numpy, random and the dataset's albumentations pipeline in a DataLoader worker.
+    """Seed numpy, random and the dataset's albumentations pipeline in a DataLoader worker, which ignores
+    Ctrl-C (see :func:`ignore_interrupts`).
 
     torch gives each worker the seed `base_seed + worker_id`, where base_seed comes from the loader's
     generator, so the augmentation of a seeded loader is reproducible run to run and differs per worker
     (and per epoch unless workers are persistent).
     """
+    ignore_interrupts()
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

@@ -224,3 +224,29 @@ def test_a_sample_never_shares_memory_with_the_image_cache(tmp_path):
     dataset = DetectionDataset([record], build_eval_transform(32), cache_images=True)
     dataset[0][0].zero_()  # a caller free to write to its batch
     assert dataset[0][0].min() > 150
+
+
+class _SignalHandlers(torch.utils.data.Dataset):
+    """Each item: whether this process ignores SIGINT, and whether it ignores SIGTERM."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        import signal
+
+        ignored = [signal.getsignal(signal.SIGINT) == signal.SIG_IGN, signal.getsignal(signal.SIGTERM) == signal.SIG_IGN]
+        # A sample as collate_detections takes it; the flags travel as the labels of two boxes.
+        return torch.zeros(3, 8, 8, dtype=torch.uint8), torch.zeros(2, 4), torch.tensor(ignored), torch.zeros(2, dtype=torch.bool)
+
+
+def test_loader_workers_ignore_ctrl_c_but_not_their_parents_sigterm():
+    # Ctrl-C reaches the workers too: each ran train.py's stop handler (one message per worker). SIGTERM
+    # stays theirs: the parent stops them with it, and one that ignored it held the parent's exit.
+    from data.dataset import ignore_interrupts
+
+    for loader in (torch.utils.data.DataLoader(_SignalHandlers(), batch_size=2, num_workers=1,
+                                               collate_fn=collate_detections, worker_init_fn=ignore_interrupts),
+                   build_dataloader(_SignalHandlers(), 2, False, 1, False, False)):
+        labels = next(iter(loader))[2]
+        assert [flags.tolist() for flags in labels] == [[True, False], [True, False]]

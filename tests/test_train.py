@@ -438,3 +438,80 @@ def test_a_stop_during_the_last_evaluation_finds_the_run_complete(tmp_path, monk
     monkeypatch.setattr(train_module.StopRequest, "__call__", stop_after_the_last_step)
     summary = train_module.train(tiny_config(tmp_path, name="done", epochs=1), show_progress=False)
     assert not summary["interrupted"] and summary["epochs_done"] == 1
+
+
+def test_a_run_that_reached_stop_at_map_is_complete_even_when_stopped_during_that_evaluation(tmp_path, monkeypatch):
+    def stopping_config(name):
+        return load_config(REPO / "configs" / "demo.yaml",
+                           tiny_overrides(tmp_path, name=name, epochs=4) + ["train.stop_at_map=1e-6"])
+
+    straight = train_module.train(stopping_config("straight"), show_progress=False)
+    assert straight["epochs_done"] == 1 and not straight["interrupted"] and straight["last_voc07_map"] > 1e-6
+    polls = {"n": 0}
+
+    def stop_during_the_first_evaluation(self):
+        polls["n"] += 1
+        return polls["n"] > 3  # 3 steps per epoch
+
+    monkeypatch.setattr(train_module.StopRequest, "__call__", stop_during_the_first_evaluation)
+    stopped = train_module.train(stopping_config("stopped"), show_progress=False)
+    monkeypatch.undo()
+    # It reached the stop: complete, not interrupted (a resume trained on to epoch 2 before).
+    assert stopped["epochs_done"] == 1 and not stopped["interrupted"]
+    # Resuming a run that stopped on stop_at_map trains nothing, as for one that ran all its epochs.
+    for name in ("straight", "stopped"):
+        last = tmp_path / "runs" / name / "last.pt"
+        before = last.read_bytes()
+        assert train_module.main(["--resume", str(last), "--no-progress"]) == 0
+        assert last.read_bytes() == before
+    assert metric_records(tmp_path / "runs" / "stopped") == metric_records(tmp_path / "runs" / "straight")
+
+
+def test_a_resume_with_fewer_epochs_than_trained_is_refused(tmp_path, capfd):
+    cfg = tiny_config(tmp_path, name="two", epochs=2)
+    train_module.train(cfg, show_progress=False)
+    last = os.path.join(run_dir(cfg), "last.pt")
+    config_before = (Path(run_dir(cfg)) / "config.yaml").read_text()
+    capfd.readouterr()
+    assert train_module.main(["--resume", last, "--no-progress", "train.epochs=1"]) == 2
+    assert "config key 'train.epochs' = 1, but the checkpoint has trained 2 epochs; give at least 2" in (
+        capfd.readouterr().err)
+    assert (Path(run_dir(cfg)) / "config.yaml").read_text() == config_before
+    assert train_module.main(["--resume", last, "--no-progress"]) == 0  # the finished run: nothing to do
+
+
+def test_a_failed_checkpoint_write_is_named_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    import utils.checkpoint
+
+    cfg = tiny_config(tmp_path, name="full", epochs=2)
+    train_module.train(cfg, show_progress=False)
+    last = Path(run_dir(cfg)) / "last.pt"
+    before = last.read_bytes()
+
+    def disk_full(obj, handle, *args, **kwargs):
+        handle.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 494080 vs 493968") \
+            from OSError(28, "No space left on device")
+
+    monkeypatch.setattr(utils.checkpoint.torch, "save", disk_full)
+    with pytest.raises(CheckpointError,
+                       match=r"cannot write checkpoint .*last\.pt: No space left on device; the previous last\.pt"):
+        utils.checkpoint.atomic_save({"x": 1}, last)
+    assert last.read_bytes() == before and not list(last.parent.glob(".last.pt.*.tmp"))
+
+
+def test_a_second_sigterm_keeps_saving_and_a_second_ctrl_c_stops_at_once_with_a_message(monkeypatch, capfd):
+    stop = train_module.StopRequest()
+    stop._handle(signal.SIGTERM, None)
+    stop._handle(signal.SIGTERM, None)  # a scheduler repeating its request: still a stop at the step's end
+    assert stop() and stop.signal_name == "SIGTERM"
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+
+    def second_ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", second_ctrl_c)
+    capfd.readouterr()
+    assert train_module.main(["--config", str(REPO / "configs" / "demo.yaml")]) == 130  # was a traceback
+    assert "stopped at once by a second Ctrl-C, without saving" in capfd.readouterr().err

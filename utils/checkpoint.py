@@ -23,8 +23,16 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     """Write `obj` with torch.save through :func:`utils.atomic_file.atomic_file`: a crash at any moment
     leaves either the previous file or the new one, never a truncated mix."""
     path = Path(path)
-    with atomic_file(path) as handle:
-        torch.save(obj, handle)
+    try:
+        with atomic_file(path) as handle:
+            torch.save(obj, handle)
+    except (OSError, RuntimeError) as error:
+        # torch.save reports a failed write (a full disk) as a RuntimeError of its zip writer; the OSError
+        # behind it, when there is one, says why.
+        cause = error if isinstance(error, OSError) else (error.__cause__ or error.__context__ or error)
+        reason = getattr(cause, "strerror", None) or str(cause).strip() or type(cause).__name__
+        raise CheckpointError(f"cannot write checkpoint {path}: {reason}; the previous {path.name}, if any, is kept") \
+            from None
     # A process killed in the middle of an earlier save left its temporary file behind.
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)

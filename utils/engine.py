@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from data.dataset import stack_images
+from data.dataset import ignore_interrupts, stack_images
 from data.records import ImageRecord
 from data.transforms import normalize_images
 from utils.config import ConfigError
@@ -323,6 +323,7 @@ def run_inference(
         num_workers=num_workers,
         collate_fn=_collate_indexed,
         pin_memory=device.type == "cuda",
+        worker_init_fn=ignore_interrupts,
     )
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     shard_results: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
