@@ -23,6 +23,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from data.dataset import DetectionDataset, build_dataloader
+from data.errors import DataError
 from data.sampler import ResumableSampler, SeededSamples
 from data.transforms import build_eval_transform
 from model.loss import score_activation_for
@@ -146,6 +147,33 @@ def build_datasets(cfg: Config) -> tuple[DetectionDataset, DetectionDataset]:
         load_split_records(cfg.data, "test"), build_eval_transform(cfg.model.image_size), use_difficult=True
     )
     return train_dataset, test_dataset
+
+
+def check_trainable_boxes(records: list, use_difficult: bool) -> None:
+    """DataError when the training split has no box to learn from: every prior would train as background."""
+    trained = sum(record.n_boxes if use_difficult else int((~record.difficult).sum()) for record in records)
+    if trained == 0:
+        raise DataError(
+            f"the train split has no box to train on ({len(records)} images"
+            f"{'' if use_difficult else ', difficult boxes left out'}). Check the data section's train "
+            "settings, data.classes, and whether data.ignore_unknown_classes dropped every box (the loader's "
+            "log counts them)"
+        )
+
+
+def warn_shared_images(train_records: list, test_records: list) -> None:
+    """Warn when the test split holds images of the training split: their mAP measures memory, not detection.
+
+    A warning, not an error: scoring on training images is a legitimate check that a model can fit its data.
+    """
+    trained = {Path(record.image_path).resolve() for record in train_records}
+    shared = sorted(str(record.image_path) for record in test_records if Path(record.image_path).resolve() in trained)
+    if shared:
+        logger.warning(
+            "%d of the %d test images are also training images (first: %s): their mAP is not a test of the "
+            "model. Check the split files or data.train_sets / data.test_sets", len(shared), len(test_records),
+            shared[0],
+        )
 
 
 def config_for_resume(checkpoint_path: str | Path, overrides: list[str],
@@ -277,6 +305,8 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
     train_dataset, test_dataset = datasets
     test_records = test_dataset.records
     check_countable_boxes(test_records, "test split")
+    check_trainable_boxes(train_dataset.records, cfg.data.train_use_difficult)
+    warn_shared_images(train_dataset.records, test_records)
     class_names = list(cfg.data.classes)
 
     # A resumed run takes every weight from its checkpoint: the ImageNet weights it started from are not

@@ -175,7 +175,8 @@ def _parse(
                 continue
             raise UnknownClassError(
                 f"{xml_path}: {where} has unknown class {name!r} (known: {', '.join(class_to_label)}); "
-                "add it to the class list or set ignore_unknown"
+                "add it to the class list (data.classes in a config), or skip such objects with "
+                "data.ignore_unknown_classes: true"
             )
         bndbox = obj.find("bndbox")
         if bndbox is None:
@@ -473,11 +474,11 @@ def load_image_folder(
             logger.info("%s: %d image files but %d annotation files; images without an XML are not used",
                         images_dir, n_images, len(all_ids))
         ids = split_ids(all_ids, split, val_fraction, seed)
-        split_desc = f"{split} (val_fraction={val_fraction}, seed={seed})"
+        split_desc = f"{split} (data.test_fraction={val_fraction}, seed={seed})"
         if not ids:
             raise DataError(
                 f"{annotations_dir}: the {split!r} part of a random split of {len(all_ids)} annotation files "
-                f"with val_fraction={val_fraction} is empty; change the fraction or give split files"
+                f"with data.test_fraction={val_fraction} is empty; change the fraction or give split files"
             )
     entries = [(i, annotations_dir / f"{i}.xml", images_dir, None) for i in ids]
     return _load_entries(

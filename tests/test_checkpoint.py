@@ -33,7 +33,7 @@ def test_crash_during_save_keeps_previous_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint_module.torch, "save", crashing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*last\.pt: disk full; the previous last\.pt"):
         atomic_save({"model": {"w": torch.ones(2)}, "epoch": 2}, path)
     monkeypatch.undo()
     loaded = load_checkpoint(path)
@@ -44,10 +44,17 @@ def test_crash_during_save_keeps_previous_file(tmp_path, monkeypatch):
 def test_broken_and_foreign_files_give_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="is a folder: give its best.pt or last.pt"):
+        load_checkpoint(tmp_path)
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint .*broken.pt"):
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*broken.pt \(\w+\): not a checkpoint written"):
         load_checkpoint(broken)
+    config = tmp_path / "run.yaml"  # passed by mistake: torch's message advised turning weights_only off
+    config.write_text("train:\n  epochs: 2\n")
+    with pytest.raises(CheckpointError, match="not a checkpoint written by train.py") as error:
+        load_checkpoint(config)
+    assert "weights_only" not in str(error.value)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(1)}, foreign)
     with pytest.raises(CheckpointError, match="no 'model' entry"):

@@ -380,7 +380,8 @@ def test_a_test_split_without_countable_boxes_stops_before_training(tmp_path, mo
         return train_dataset, test_dataset
 
     monkeypatch.setattr(train_module, "build_datasets", all_difficult)
-    with pytest.raises(DataError, match=r"the test split has no box that counts for mAP \(6 images"):
+    with pytest.raises(DataError, match=r"the test split has no box that counts for mAP: 6 images, \d+ boxes kept, "
+                                         r"\d+ of them difficult"):
         train_module.train(tiny_config(tmp_path, name="difficult", epochs=1), show_progress=False)
 
 
@@ -515,3 +516,28 @@ def test_a_second_sigterm_keeps_saving_and_a_second_ctrl_c_stops_at_once_with_a_
     capfd.readouterr()
     assert train_module.main(["--config", str(REPO / "configs" / "demo.yaml")]) == 130  # was a traceback
     assert "stopped at once by a second Ctrl-C, without saving" in capfd.readouterr().err
+
+
+def test_a_train_split_without_boxes_stops_and_shared_images_are_warned_about(tmp_path, monkeypatch):
+    real_build = train_module.build_datasets
+
+    def no_train_boxes(cfg):  # e.g. every class misspelt, with data.ignore_unknown_classes: true
+        train_dataset, test_dataset = real_build(cfg)
+        for record in train_dataset.records:
+            record.boxes, record.labels, record.difficult = record.boxes[:0], record.labels[:0], record.difficult[:0]
+        return train_dataset, test_dataset
+
+    monkeypatch.setattr(train_module, "build_datasets", no_train_boxes)
+    with pytest.raises(DataError, match=r"the train split has no box to train on \(12 images, difficult boxes left"):
+        train_module.train(tiny_config(tmp_path, name="empty", epochs=1), show_progress=False)
+
+    def test_on_training_images(cfg):
+        train_dataset, test_dataset = real_build(cfg)
+        test_dataset.records[:2] = train_dataset.records[:2]
+        return train_dataset, test_dataset
+
+    warnings = []
+    monkeypatch.setattr(train_module, "build_datasets", test_on_training_images)
+    monkeypatch.setattr(train_module.logger, "warning", lambda message, *args: warnings.append(message % args))
+    train_module.train(tiny_config(tmp_path, name="shared", epochs=1), show_progress=False)
+    assert any("2 of the 6 test images are also training images" in w for w in warnings)

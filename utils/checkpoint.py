@@ -52,16 +52,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     (INFERENCE_KEYS to evaluate or detect with it, TRAINING_KEYS to resume its run).
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder: give its best.pt or last.pt")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several unrelated types for a corrupt file
-        # torch's first line says what failed; the rest is generic advice about weights_only.
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        # torch's message is mostly advice about weights_only, including to turn it off, which would run any
+        # code the file holds: say what the file is not instead.
         raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(error).__name__}: {reason} (a broken or foreign file, "
-            "or one holding pickled code, which is refused)"
+            f"cannot read checkpoint {path} ({type(error).__name__}): not a checkpoint written by train.py "
+            "(best.pt or last.pt), or a broken copy of one; files holding pickled code are refused"
         ) from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} has no 'model' entry: not a Tiny-Detector checkpoint")

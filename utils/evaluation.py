@@ -16,9 +16,12 @@ def check_countable_boxes(records: list[ImageRecord], split: str) -> None:
     """DataError unless some image of the split has a box that is not difficult: the only kind mAP
     counts. Without one every AP is undefined (NaN), and training would never write a best.pt."""
     if not any((~record.difficult).any() for record in records):
+        n_boxes = sum(record.n_boxes for record in records)
+        n_difficult = sum(int(record.difficult.sum()) for record in records)
         raise DataError(
-            f"the {split} has no box that counts for mAP ({len(records)} images; every box, if any, is "
-            "difficult): check the data section's test settings"
+            f"the {split} has no box that counts for mAP: {len(records)} images, {n_boxes} boxes kept, "
+            f"{n_difficult} of them difficult. Check the data section's test settings, data.classes, and "
+            "whether data.ignore_unknown_classes dropped every box (the loader's log counts them)"
         )
 
 
