@@ -209,3 +209,12 @@ def test_resume_may_change_where_how_long_and_how_it_evaluates_nothing_else():
     assert changes_refused_on_resume(saved, allowed) == []
     refused = load_config(None, [*narrow, "train.lr=0.01", "model.width_mult=0.5", "train.epochs=400"])
     assert changes_refused_on_resume(saved, refused) == ["model.width_mult: 1.0 -> 0.5", "train.lr: 0.001 -> 0.01"]
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    # YAML keeps the last silently: a second `train:` appended at the end dropped the whole first section.
+    path = write(tmp_path, "train:\n  epochs: 2\n  lr: 0.1\nmodel:\n  width_mult: 1.0\ntrain:\n  epochs: 1\n")
+    with pytest.raises(ConfigError, match=r"key 'train' appears twice \(first on line 1\)(.|\n)*line 6"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"key 'batch_size' appears twice \(first on line 2\)"):
+        load_config(write(tmp_path, "train:\n  batch_size: 2\n  batch_size: 4\n"))
