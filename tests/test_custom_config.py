@@ -1,6 +1,9 @@
 """configs/custom.yaml, the example for a user's own labelImg data, trains on real photographs."""
 
 import json
+from pathlib import Path
+
+import pytest
 
 import train as train_module
 from tests.train_helpers import REPO
@@ -29,3 +32,25 @@ def test_custom_config_trains_a_few_steps_on_raccoon_photographs(tmp_path):
     assert [s["step"] for s in steps if s["type"] == "train"] == [1, 2, 3]
     assert all(s["loss"] > 0 for s in steps if s["type"] == "train")
     assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
+
+
+def test_a_missing_split_file_says_how_to_split_at_random(tmp_path):
+    # custom.yaml names splits/*.txt: a data folder without them met only "file not found".
+    import shutil
+
+    from utils.builders import load_split_records
+    from utils.config import ConfigError, load_config
+
+    root = tmp_path / "mydata"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "raccoon" / "images", root / "images")
+    shutil.copytree(Path(__file__).parent / "fixtures" / "raccoon" / "annotations", root / "annotations")
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "custom.yaml",
+                      [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(ConfigError, match=r"data.train_split_file'.*set data.train_split_file and "
+                                          r"data.test_split_file to null for a random split"):
+        load_split_records(cfg.data, "train")
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "custom.yaml",
+                      [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "data.train_split_file=null",
+                       "data.test_split_file=null"])
+    assert len(load_split_records(cfg.data, "train")) + len(load_split_records(cfg.data, "test")) == len(
+        list((root / "annotations").glob("*.xml")))

@@ -43,10 +43,10 @@ def _existing_dir(value: str, key: str) -> Path:
     return path
 
 
-def _existing_file(value: str, key: str) -> Path:
+def _existing_file(value: str, key: str, hint: str = "") -> Path:
     path = Path(value)
     if not path.is_file():
-        raise ConfigError(f"config key '{key}': file not found: {path}")
+        raise ConfigError(f"config key '{key}': file not found: {path}{hint}")
     return path
 
 
@@ -88,7 +88,9 @@ def load_split_records(data: DataConfig, split: str) -> list[ImageRecord]:
         annotations_dir = _existing_dir(str(root / data.annotations_dir), "data.annotations_dir")
         split_key = "data.train_split_file" if split == "train" else "data.test_split_file"
         split_value = data.train_split_file if split == "train" else data.test_split_file
-        split_file = _existing_file(str(root / split_value), split_key) if split_value else None
+        random_split = ("; set data.train_split_file and data.test_split_file to null for a random split "
+                        "(data.test_fraction held out)")
+        split_file = _existing_file(str(root / split_value), split_key, random_split) if split_value else None
         return load_image_folder(
             images_dir,
             annotations_dir,
