@@ -292,6 +292,21 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
             f"{run_dir} already holds a run (last.pt): continue it with --resume {run_dir / 'last.pt'}, or "
             "give this one another run.name (or delete the folder)"
         )
+    if own_folder and Path(resume).name != "last.pt" and (run_dir / "last.pt").exists():
+        # Resuming best.pt (or a copy) in place would overwrite a last.pt that got further, and cut
+        # metrics.jsonl back to the older step: the training since is lost.
+        resumed_step = (checkpoint or load_checkpoint(resume, require=TRAINING_KEYS))["global_step"]
+        try:  # mmap: only the step is read, not the weights
+            latest = torch.load(run_dir / "last.pt", map_location="cpu", mmap=True, weights_only=True)
+        except Exception:  # an unreadable last.pt is no further than anything: the resume may replace it
+            latest = {}
+        latest_step = latest.get("global_step") if isinstance(latest, dict) else None
+        if isinstance(latest_step, int) and latest_step > resumed_step:
+            raise ConfigError(
+                f"resuming {resume} (step {resumed_step}) in its folder would overwrite {run_dir / 'last.pt'}, "
+                f"which is at step {latest_step}: resume last.pt, or continue from {Path(resume).name} in a new "
+                "folder with run.name=<another name>"
+            )
     if context.is_main:
         prepare_output_dir(run_dir, "config keys 'run.output_dir'/'run.name': the run folder")
 

@@ -541,3 +541,20 @@ def test_a_train_split_without_boxes_stops_and_shared_images_are_warned_about(tm
     monkeypatch.setattr(train_module.logger, "warning", lambda message, *args: warnings.append(message % args))
     train_module.train(tiny_config(tmp_path, name="shared", epochs=1), show_progress=False)
     assert any("2 of the 6 test images are also training images" in w for w in warnings)
+
+
+def test_resuming_best_pt_in_place_does_not_overwrite_a_further_last_pt(tmp_path, capfd):
+    cfg = tiny_config(tmp_path, name="run", epochs=1)
+    train_module.train(cfg, show_progress=False)
+    folder = Path(run_dir(cfg))
+    epoch_1 = (folder / "last.pt").read_bytes()
+    assert train_module.main(["--resume", str(folder / "last.pt"), "--no-progress", "train.epochs=2"]) == 0
+    (folder / "best.pt").write_bytes(epoch_1)  # a best.pt from epoch 1, as when epoch 2 scored lower
+    before = (folder / "last.pt").read_bytes()
+    capfd.readouterr()
+    assert train_module.main(["--resume", str(folder / "best.pt"), "--no-progress", "train.epochs=3"]) == 2
+    assert "(step 3) in its folder would overwrite" in capfd.readouterr().err
+    assert (folder / "last.pt").read_bytes() == before
+    # From best.pt in a new folder it may go on.
+    assert train_module.main(["--resume", str(folder / "best.pt"), "--no-progress", "train.epochs=3",
+                              "run.name=from_best"]) == 0
