@@ -35,7 +35,7 @@ from utils.atomic_file import atomic_file
 from utils.builders import checkpoint_config, detector_from_checkpoint
 from utils.checkpoint import INFERENCE_KEYS, load_checkpoint
 from utils.engine import resolve_device
-from utils.errors import USER_ERRORS
+from utils.errors import USER_ERRORS, user_message
 from utils.output_dir import prepare_output_dir
 
 logger = logging.getLogger("detect")
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"cannot write {output_dir / 'detections.json'}: {error.strerror or error}") from error
         print(f"wrote {len(files)} images and {output_dir / 'detections.json'}")
     except (InputError, *USER_ERRORS) as error:
-        logger.error("%s", error)
+        logger.error("%s", user_message(error))
         return 2
     return 0
 

@@ -24,7 +24,7 @@ from utils.checkpoint import INFERENCE_KEYS, load_checkpoint
 from utils.config import load_config
 from utils.distributed import DistributedContext
 from utils.engine import resolve_amp_dtype, resolve_device, run_inference
-from utils.errors import USER_ERRORS
+from utils.errors import USER_ERRORS, user_message
 from utils.evaluation import EvaluationResult, check_countable_boxes, evaluate_detections
 from utils.output_dir import prepare_output_dir
 from utils.pr_curves import plot_pr_curves
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.results_dir:  # after the metrics, which do not depend on them
             write_results_files(output_dir, detections, class_names)
     except USER_ERRORS as error:
-        logger.error("%s", error)
+        logger.error("%s", user_message(error))
         return 2
     return 0
 

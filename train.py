@@ -74,7 +74,7 @@ from utils.engine import (
     steps_lr_lambda,
     train_one_epoch,
 )
-from utils.errors import USER_ERRORS
+from utils.errors import USER_ERRORS, user_message
 from utils.evaluation import check_countable_boxes, evaluate_detections
 from utils.metrics_log import MetricsLogger
 from utils.output_dir import prepare_output_dir
@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("give --config FILE (or --resume CHECKPOINT)")
         summary = train(cfg, resume=args.resume, show_progress=not args.no_progress, checkpoint=checkpoint)
     except USER_ERRORS as error:
-        logger.error("%s", error)
+        logger.error("%s", user_message(error))
         return 2
     except KeyboardInterrupt:
         logger.error("stopped at once by a second Ctrl-C, without saving: a resume continues from the last "

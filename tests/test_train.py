@@ -558,3 +558,23 @@ def test_resuming_best_pt_in_place_does_not_overwrite_a_further_last_pt(tmp_path
     # From best.pt in a new folder it may go on.
     assert train_module.main(["--resume", str(folder / "best.pt"), "--no-progress", "train.epochs=3",
                               "run.name=from_best"]) == 0
+
+
+def test_an_error_from_a_loader_worker_is_printed_as_its_own_message():
+    import sys as system
+
+    from torch._utils import ExceptionWrapper
+
+    from data.errors import ImageReadError
+    from utils.errors import user_message
+
+    try:
+        raise ImageReadError("/data/raccoon-39.jpg: decoded size 250x172 differs from the annotated size 500x344")
+    except ImageReadError:
+        wrapped = ExceptionWrapper(system.exc_info(), where="in DataLoader worker process 0")
+    with pytest.raises(ImageReadError) as error:
+        wrapped.reraise()
+    assert "Original Traceback" in str(error.value)  # what torch gives the main process
+    assert user_message(error.value) == (
+        "/data/raccoon-39.jpg: decoded size 250x172 differs from the annotated size 500x344")
+    assert user_message(ImageReadError("plain")) == "plain"
