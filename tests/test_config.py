@@ -1,5 +1,7 @@
 """Config loading: defaults, validation errors that name the key, dotted overrides, save/reload."""
 
+from pathlib import Path
+
 import pytest
 
 from utils.config import (
@@ -218,3 +220,20 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match=r"key 'batch_size' appears twice \(first on line 2\)"):
         load_config(write(tmp_path, "train:\n  batch_size: 2\n  batch_size: 4\n"))
+
+
+def test_keys_of_another_data_format_are_warned_about(tmp_path, monkeypatch):
+    import utils.config as config_module
+
+    warnings = []
+    monkeypatch.setattr(config_module.logger, "warning", lambda message, *args: warnings.append(message % args))
+    # a split file given with format voc (as when adapting voc.yaml) was ignored without a word
+    load_config(write(tmp_path, "data:\n  format: voc\n  train_split_file: train.txt\n  test_split_file: t.txt\n"))
+    assert warnings and "'data.train_split_file' is only read with data.format: folder" in warnings[0]
+    warnings.clear()
+    load_config(write(tmp_path, "data:\n  format: folder\n  train_sets: [[VOC2007, train]]\n"))
+    assert any("'data.train_sets' is only read with data.format: voc" in w for w in warnings)
+    warnings.clear()
+    for name in ("demo", "voc", "custom"):
+        load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    assert warnings == []

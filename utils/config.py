@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import re
 import types
@@ -21,6 +22,8 @@ import yaml
 
 from model.priors import boxes_per_cell, grid_size_for
 from utils.atomic_file import atomic_file
+
+logger = logging.getLogger(__name__)
 
 VOC_CLASSES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -409,6 +412,28 @@ def _check_model_and_loss(model: ModelConfig, loss: LossConfig) -> None:
         )
 
 
+# The data keys each format reads. Another format's key set to other than its default says something the
+# run does not do (split files given with format voc, VOC sets with format folder, ...): a warning, not an
+# error, so that the checkpoints of such configs still load.
+_FORMAT_KEYS = {
+    "voc": ("train_sets", "test_sets"),
+    "folder": ("images_dir", "annotations_dir", "train_split_file", "test_split_file", "test_fraction", "split_seed"),
+    "coco": ("train_images", "train_annotations", "test_images", "test_annotations"),
+    "synthetic": ("synthetic",),
+}
+
+
+def _check_format_keys(data: DataConfig) -> None:
+    defaults = DataConfig()
+    for data_format, keys in _FORMAT_KEYS.items():
+        if data_format == data.format:
+            continue
+        for key in keys:
+            if getattr(data, key) != getattr(defaults, key):
+                logger.warning("config key 'data.%s' is only read with data.format: %s, and this config's format "
+                               "is %s: it is ignored", key, data_format, data.format)
+
+
 def _check_values(cfg: Config) -> None:
     """Semantic checks that types alone cannot express."""
     positive = {
@@ -513,6 +538,8 @@ def _check_values(cfg: Config) -> None:
             f"config key '{given}' is set but '{missing}' is not: set both, or neither for a random split of "
             "all the XML files (one split file and a random split of the other could share images)"
         )
+    if cfg.data.format in _FORMAT_KEYS:
+        _check_format_keys(cfg.data)
 
 
 # What a resumed run may change: where it writes and reads its files, the hardware and precision it runs
