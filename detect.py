@@ -119,6 +119,8 @@ def resolve_inputs(pattern: str) -> list[Path]:
     else:
         files = sorted(Path(p) for p in glob.glob(pattern) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
     if not files:
+        if not glob.has_magic(pattern) and not path.exists():
+            raise InputError(f"--input {pattern!r}: no such file or folder (relative to {Path.cwd()})")
         raise InputError(f"--input {pattern!r}: no image files found")
     return files
 

@@ -70,3 +70,14 @@ def test_a_box_on_the_image_border_is_drawn_whole(side, thickness):
     half = side // 2
     for line in (drawn[half], drawn[:, half]):  # across the left and right edges, the top and bottom ones
         assert line[-1] and line[half:].sum() == line[10 - thickness:half].sum() >= thickness
+
+
+def test_a_missing_input_is_named_as_missing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(detect.InputError, match=rf"--input 'nope.jpg': no such file or folder \(relative to {tmp_path}\)"):
+        detect.resolve_inputs("nope.jpg")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(detect.InputError, match="no image files found"):
+        detect.resolve_inputs(str(tmp_path))  # a folder without images
+    with pytest.raises(detect.InputError, match="no image files found"):
+        detect.resolve_inputs("*.jpg")  # a pattern matching nothing
