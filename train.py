@@ -33,6 +33,7 @@ from utils.builders import (
     build_criterion,
     build_model,
     build_optimizer,
+    checkpoint_config,
     load_split_records,
     prepare_synthetic,
 )
@@ -187,10 +188,7 @@ def config_for_resume(checkpoint_path: str | Path, overrides: list[str],
     """
     if checkpoint is None:
         checkpoint = load_checkpoint(checkpoint_path, require=TRAINING_KEYS)
-    try:
-        saved = config_from_dict(checkpoint["config"])
-    except ConfigError as error:
-        raise CheckpointError(f"checkpoint {checkpoint_path}: its saved config cannot be read: {error}") from None
+    saved = checkpoint_config(checkpoint, checkpoint_path)
     cfg = config_from_dict(checkpoint["config"], overrides)
     refused = changes_refused_on_resume(saved, cfg)
     done, partly = checkpoint.get("epoch", 0), checkpoint.get("batches_done", 0) > 0
@@ -295,7 +293,9 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
     if own_folder and Path(resume).name != "last.pt" and (run_dir / "last.pt").exists():
         # Resuming best.pt (or a copy) in place would overwrite a last.pt that got further, and cut
         # metrics.jsonl back to the older step: the training since is lost.
-        resumed_step = (checkpoint or load_checkpoint(resume, require=TRAINING_KEYS))["global_step"]
+        if checkpoint is None:
+            checkpoint = load_checkpoint(resume, require=TRAINING_KEYS)  # kept for the state below
+        resumed_step = checkpoint["global_step"]
         try:  # mmap: only the step is read, not the weights
             latest = torch.load(run_dir / "last.pt", map_location="cpu", mmap=True, weights_only=True)
         except Exception:  # an unreadable last.pt is no further than anything: the resume may replace it
