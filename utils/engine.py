@@ -19,7 +19,7 @@ from data.dataset import ignore_interrupts, stack_images
 from data.records import ImageRecord
 from data.transforms import normalize_images
 from utils.config import ConfigError
-from utils.distributed import DistributedContext, all_gather_objects
+from utils.distributed import DistributedContext, all_gather_objects, all_reduce_mean
 from utils.ema import ModelEMA
 from utils.voc_eval import ImageDetections, ImageGroundTruth
 
@@ -183,17 +183,14 @@ def train_one_epoch(
             locs, scores = model(images)
         # The loss runs in fp32: log-softmax and the hard-negative ranking are sensitive to bf16 rounding.
         loss = criterion(locs.float(), scores.float(), boxes, labels)
-        # One row for the step: (ranks with a non-finite loss, loss, localization, confidence). Under DDP it is
-        # summed over the ranks in one collective, so every rank stops together and the logged loss is the
-        # mean of the ranks' losses, the one the averaged gradients descend, not rank 0's share of the batch.
+        # One row for the step: (non-finite loss, loss, localization, confidence). Under DDP it is averaged over
+        # the ranks in one collective, so every rank stops together (the first value is above 0 when any rank's
+        # loss is not finite) and the logged loss is the mean of the ranks' losses, the one the averaged
+        # gradients descend, not rank 0's share of the batch.
         parts = torch.stack([loss.total, loss.localization, loss.confidence]).detach()
-        step_row = torch.cat([(~torch.isfinite(parts[:1])).to(parts.dtype), parts])
-        if context.enabled:
-            step_row = step_row.clone()
-            torch.distributed.all_reduce(step_row, op=torch.distributed.ReduceOp.SUM)
-            step_row[1:] /= context.world_size
-        n_non_finite, total, localization, confidence = step_row.tolist()
-        if n_non_finite:
+        step_row = all_reduce_mean(torch.cat([(~torch.isfinite(parts[:1])).to(parts.dtype), parts]), context)
+        non_finite, total, localization, confidence = step_row.tolist()
+        if non_finite:
             where = "" if not math.isfinite(loss.total.item()) else " on another rank"
             raise NonFiniteLossError(
                 f"loss became {'non-finite' if where else loss.total.item()}{where} at epoch {epoch}, step "
