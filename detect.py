@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 import torch
 
-from data.dataset import decode_image
+from data.dataset import load_image
 from data.errors import ImageReadError
 from data.transforms import build_eval_transform, normalize_images
 from model.loss import score_activation_for
@@ -144,13 +144,9 @@ def output_names(files: list[Path]) -> list[Path]:
 
 def read_rgb(path: Path) -> np.ndarray:
     # A photo is searched and drawn as it is shown, upright: OpenCV applies its EXIF orientation here,
-    # unlike data.dataset.load_image, which must keep the frame the annotations were written in.
+    # unlike load_image's default for training and evaluation, which keeps the frame annotations are written in.
     try:
-        encoded = path.read_bytes()
-    except OSError as error:
-        raise InputError(f"cannot read image {path}: {error.strerror or error}") from None
-    try:
-        return decode_image(encoded, path, cv2.IMREAD_COLOR)
+        return load_image(path, upright=True)
     except ImageReadError as error:
         raise InputError(str(error)) from None
 

@@ -25,12 +25,14 @@ Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 Batch = tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to (H, W, 3) uint8 RGB with OpenCV; ImageReadError naming the file if that fails.
+def load_image(path: str | Path, upright: bool = False) -> np.ndarray:
+    """Decode an image file to (H, W, 3) uint8 RGB with OpenCV; ImageReadError naming the file if it is
+    missing, unreadable, corrupt or a truncated JPEG.
 
-    The pixels come as stored, without the EXIF orientation applied: VOC annotations (labelImg's
+    By default the pixels come as stored, without the EXIF orientation applied: VOC annotations (labelImg's
     included) give boxes and `<size>` in that frame, and it is the size the loaders read from an image
-    whose XML has none. A rotated copy would misplace every box of a square image.
+    whose XML has none. A rotated copy would misplace every box of a square image. `upright=True` applies
+    it, for a photo shown as its camera meant (detect.py).
     """
     path = Path(path)
     try:
@@ -39,15 +41,10 @@ def load_image(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"{path}: image file not found") from None
     except OSError as error:
         raise ImageReadError(f"{path}: cannot read image file: {error.strerror or error}") from None
-    return decode_image(encoded, path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-
-
-def decode_image(encoded: bytes, path: Path, flags: int) -> np.ndarray:
-    """`encoded` (the bytes of the file `path`) decoded by OpenCV with `flags`, as RGB; ImageReadError if it
-    is corrupt or a truncated JPEG."""
     if is_truncated_jpeg(encoded):  # checked first: cv2.imread decodes some of these with grey filler
         raise ImageReadError(f"{path}: truncated JPEG (the file ends inside its image data)")
     # IMREAD_COLOR also turns grey or RGBA files into 3 channels.
+    flags = cv2.IMREAD_COLOR if upright else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     image = cv2.imdecode(np.frombuffer(encoded, np.uint8), flags) if encoded else None
     if image is None:  # OpenCV reports a corrupt file by returning None, not by exception
         raise ImageReadError(f"{path}: cannot decode image (corrupt or unsupported format)")

@@ -200,6 +200,7 @@ def test_exif_orientation_is_not_applied_so_boxes_stay_on_their_pixels(tmp_path)
     image = load_image(path)
     assert image.shape == (20, 40, 3)  # the stored frame, the one annotation tools give sizes and boxes in
     assert image[:, :10].mean() > 240 and image[:, 12:].mean() < 15
+    assert load_image(path, upright=True).shape == (40, 20, 3)  # as detect.py shows the photo, turned
     (record,) = load_image_folder(*_folder_without_size(tmp_path, path), ["cat"], cache_dir=None)
     assert (record.width, record.height) == (40, 20)
     item = DetectionDataset([record], build_eval_transform(32))[0]
