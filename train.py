@@ -73,6 +73,7 @@ from utils.engine import (
     resolve_device,
     run_inference,
     steps_lr_lambda,
+    stopped_loader_workers,
     train_one_epoch,
 )
 from utils.errors import USER_ERRORS, user_message
@@ -107,7 +108,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag polled at step boundaries, so the state saved is consistent."""
+    """Turns SIGINT/SIGTERM into a flag polled at step boundaries, so the state saved is consistent.
+
+    A SIGTERM sent to every process of the job (`kill -- -PGID`, SLURM's `scancel`, systemd) kills the data
+    loader's workers as well. torch's SIGCHLD handler would then raise in the middle of the step, wherever
+    the main process is, for instance between two parameters' optimizer updates. Once a stop is requested,
+    that handler is set aside: the step ends, and a worker's death shows up only where the next batch is
+    fetched, between steps (see :func:`stopped_loader_workers`).
+    """
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -129,6 +137,8 @@ class StopRequest:
                            signal.Signals(signum).name)
             return
         self.signal_name = signal.Signals(signum).name
+        if signal.SIGCHLD not in self._previous:
+            self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         logger.warning("%s received: saving last.pt at the end of this step", self.signal_name)
 
     def __call__(self) -> bool:
@@ -513,13 +523,22 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
         for epoch in range(start_epoch, cfg.train.epochs):
             state["epoch"] = epoch
             sampler.set_epoch(epoch, skip_batches=state["batches_done"])
-            global_step, interrupted = train_one_epoch(
-                train_model, criterion, loader, optimizer, scheduler, scaler, device,
-                epoch=epoch + 1, global_step=state["global_step"],
-                total_batches=steps_per_epoch - state["batches_done"], amp_dtype=amp_dtype,
-                channels_last=cfg.train.channels_last, grad_clip_norm=cfg.train.grad_clip_norm, context=context,
-                on_step=on_step, should_stop=stop_requested, show_progress=show_progress, ema=ema,
-            )  # fmt: skip
+            try:
+                global_step, interrupted = train_one_epoch(
+                    train_model, criterion, loader, optimizer, scheduler, scaler, device,
+                    epoch=epoch + 1, global_step=state["global_step"],
+                    total_batches=steps_per_epoch - state["batches_done"], amp_dtype=amp_dtype,
+                    channels_last=cfg.train.channels_last, grad_clip_norm=cfg.train.grad_clip_norm, context=context,
+                    on_step=on_step, should_stop=stop_requested, show_progress=show_progress, ema=ema,
+                )  # fmt: skip
+            except RuntimeError as error:
+                # One process: the state is that of the last step completed. Under DDP the other ranks may
+                # be inside a step's collectives, which a save here would not match.
+                if not (stop() and context.world_size == 1 and stopped_loader_workers(error)):
+                    raise
+                logger.warning("the data loader's workers were stopped by the same %s, before the next batch",
+                               stop.signal_name)
+                interrupted = True
             if interrupted:
                 save("last.pt")
                 log_stopped()

@@ -172,6 +172,60 @@ def test_sigterm_saves_last_checkpoint(tmp_path):
     assert checkpoint["epoch"] * 3 + checkpoint["batches_done"] == checkpoint["global_step"]
 
 
+# train.py with each sample taking 0.3 s to load, so the main process spends its time waiting for batches.
+SLOW_LOADING_TRAIN = """
+import sys, time
+from data.dataset import DetectionDataset
+load = DetectionDataset.__getitem__
+DetectionDataset.__getitem__ = lambda self, index: (time.sleep(0.3), load(self, index))[1]
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_sigterm_to_the_whole_job_saves_the_last_step_though_it_kills_the_loader_workers(tmp_path):
+    # SLURM's scancel, systemd and `kill -- -PGID` send it to every process, the loader's workers included.
+    # They die while the main process waits for their next batch.
+    overrides = tiny_overrides(tmp_path, name="job", epochs=200) + ["train.eval_every_epochs=0",
+                                                                     "data.num_workers=2"]
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_LOADING_TRAIN, "--config", "configs/demo.yaml", "--no-progress", *overrides],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    metrics = tmp_path / "runs" / "job" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    assert "workers were stopped by the same SIGTERM" in output
+    assert "Traceback" not in output
+    checkpoint = load_checkpoint(tmp_path / "runs" / "job" / "last.pt")
+    logged_steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert checkpoint["global_step"] == logged_steps[-1] >= 2
+    assert checkpoint["epoch"] * 3 + checkpoint["batches_done"] == checkpoint["global_step"]
+
+
+def test_a_stop_request_sets_torchs_worker_death_handler_aside_until_the_run_ends():
+    def torch_like_handler(signum, frame):  # torch installs one with the first multi-process loader
+        pass
+
+    previous = signal.signal(signal.SIGCHLD, torch_like_handler)
+    stop = train_module.StopRequest()
+    stop.install()
+    try:
+        assert signal.getsignal(signal.SIGCHLD) is torch_like_handler
+        stop._handle(signal.SIGTERM, None)
+        during_stop = signal.getsignal(signal.SIGCHLD)
+    finally:
+        stop.restore()
+        restored = signal.getsignal(signal.SIGCHLD)
+        signal.signal(signal.SIGCHLD, previous)
+    assert during_stop == signal.SIG_DFL
+    assert restored is torch_like_handler
+
+
 def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
     overrides = tiny_overrides(tmp_path, name="ddp", epochs=2) + ["train.batch_size=2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -508,6 +562,7 @@ def test_a_second_sigterm_keeps_saving_and_a_second_ctrl_c_stops_at_once_with_a_
     assert stop() and stop.signal_name == "SIGTERM"
     with pytest.raises(KeyboardInterrupt):
         stop._handle(signal.SIGINT, None)
+    stop.restore()  # the SIGCHLD handler it set aside
 
     def second_ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt

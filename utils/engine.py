@@ -143,6 +143,15 @@ def images_to_model(images: torch.Tensor, device: torch.device, memory_format: t
     return normalize_images(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
 
 
+def stopped_loader_workers(error: BaseException) -> bool:
+    """Whether `error` is a DataLoader's report that one of its worker processes died.
+
+    torch raises a plain RuntimeError for it, whose message is the only mark ("DataLoader worker (pid(s) ...)
+    exited unexpectedly", "... is killed by signal: ...").
+    """
+    return isinstance(error, RuntimeError) and "DataLoader worker" in str(error)
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,
