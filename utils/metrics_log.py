@@ -12,14 +12,22 @@ from utils.atomic_file import atomic_file
 
 logger = logging.getLogger(__name__)
 
+# The scalars each record type sends to TensorBoard, as "<type>/<key>".
+_TENSORBOARD_KEYS = {
+    "train": ("loss", "localization", "confidence", "lr", "images_per_s"),
+    "eval": ("voc07_map", "voc12_map"),
+}
+
 
 class MetricsLogger:
     """Appends to `<run_dir>/metrics.jsonl`.
 
     A new run starts the file anew. A resumed run keeps the records up to its checkpoint and drops the
     ones the interrupted run logged after it, which the resumed run logs again: the file then reads as
-    that of a run never interrupted. TensorBoard is told the same through its purge step, which hides
-    the earlier events from that step on.
+    that of a run never interrupted. TensorBoard is told the same through its purge step, which hides the
+    earlier events from the checkpoint's step on; the records kept at that step are written again. (A purge
+    from the next step would keep an evaluation logged after a checkpoint taken on the epoch's last step,
+    which the resumed run logs a second time at the same step.)
 
     Args:
         run_dir: the run's folder.
@@ -33,19 +41,24 @@ class MetricsLogger:
         self._writer = None
         if not enabled:
             return
-        self._start_file(resumed_at)
+        kept = self._start_file(resumed_at)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
             logger.info("tensorboard not installed: metrics go to %s only", self.path)
         else:
-            purge_step = 0 if resumed_at is None else resumed_at[1] + 1
+            purge_step = 0 if resumed_at is None else resumed_at[1]
             self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
+            for line in kept:
+                record = json.loads(line)
+                if resumed_at is not None and record.get("step") == purge_step:
+                    self._to_tensorboard(record)
 
-    def _start_file(self, resumed_at: tuple[int, int] | None) -> None:
-        if not self.path.exists():
-            return
+    def _start_file(self, resumed_at: tuple[int, int] | None) -> list[str]:
+        """Rewrite the file with the records a resumed run keeps (none for a new run); returns them."""
         kept: list[str] = []
+        if not self.path.exists():
+            return kept
         if resumed_at is not None:
             epochs_done, step = resumed_at
             for line in self.path.read_text().splitlines():
@@ -64,6 +77,14 @@ class MetricsLogger:
             logger.info("%s: a new run starts the file anew", self.path)
         with atomic_file(self.path, "w", encoding="utf-8") as handle:
             handle.writelines(f"{line}\n" for line in kept)
+        return kept
+
+    def _to_tensorboard(self, record: dict[str, Any]) -> None:
+        keys = _TENSORBOARD_KEYS.get(record.get("type"), ())
+        if self._writer is None or not all(isinstance(record.get(key), (int, float)) for key in (*keys, "step")):
+            return
+        for key in keys:
+            self._writer.add_scalar(f"{record['type']}/{key}", record[key], record["step"])
 
     def _append(self, record: dict[str, Any]) -> None:
         record["time"] = round(time.time(), 3)
@@ -79,9 +100,7 @@ class MetricsLogger:
             "images_per_s": round(stats.images_per_s, 2),
         }  # fmt: skip
         self._append(record)
-        if self._writer is not None:
-            for key in ("loss", "localization", "confidence", "lr", "images_per_s"):
-                self._writer.add_scalar(f"train/{key}", record[key], stats.step)
+        self._to_tensorboard(record)
 
     def log_eval(self, *, epoch: int, step: int, result: Any) -> None:
         if not self.enabled:
@@ -89,9 +108,8 @@ class MetricsLogger:
         voc = result.voc
         record = {"type": "eval", "epoch": epoch, "step": step, "voc07_map": voc.voc07_map, "voc12_map": voc.voc12_map}
         self._append(record)
+        self._to_tensorboard(record)
         if self._writer is not None:
-            self._writer.add_scalar("eval/voc07_map", voc.voc07_map, step)
-            self._writer.add_scalar("eval/voc12_map", voc.voc12_map, step)
             self._writer.flush()
 
     def close(self) -> None:
