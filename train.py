@@ -73,7 +73,6 @@ from utils.engine import (
     resolve_device,
     run_inference,
     steps_lr_lambda,
-    stopped_loader_workers,
     train_one_epoch,
 )
 from utils.errors import USER_ERRORS, user_message
@@ -107,14 +106,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+def _worker_exit_noticed_later(_signum: int, _frame: Any) -> None:
+    """SIGCHLD handler after a stop request: a loader finds its dead workers when it next waits for them."""
+
+
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag polled at step boundaries, so the state saved is consistent.
 
     A SIGTERM sent to every process of the job (`kill -- -PGID`, SLURM's `scancel`, systemd) kills the data
     loader's workers as well. torch's SIGCHLD handler would then raise in the middle of the step, wherever
     the main process is, for instance between two parameters' optimizer updates. Once a stop is requested,
-    that handler is set aside: the step ends, and a worker's death shows up only where the next batch is
-    fetched, between steps (see :func:`stopped_loader_workers`).
+    a handler that does nothing replaces it, and stays after :meth:`restore`: a dead worker is then found
+    where the next batch is fetched, between steps (see `train_one_epoch`'s `stop_signalled`), and a loader
+    shut down later does not raise for workers that died.
     """
 
     def __init__(self) -> None:
@@ -137,8 +141,9 @@ class StopRequest:
                            signal.Signals(signum).name)
             return
         self.signal_name = signal.Signals(signum).name
-        if signal.SIGCHLD not in self._previous:
-            self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # A Python handler rather than SIG_DFL: a SIGCHLD already pending would otherwise be reported as
+        # "ignored due to race condition".
+        signal.signal(signal.SIGCHLD, _worker_exit_noticed_later)
         logger.warning("%s received: saving last.pt at the end of this step", self.signal_name)
 
     def __call__(self) -> bool:
@@ -452,6 +457,10 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
         # gradient all-reduce for a peer that has stopped.
         return any_rank(stop(), context)
 
+    # One process only: under DDP the other ranks may be inside a step's collectives, which a save after a
+    # failed batch or evaluation on this rank would not match.
+    stop_signalled = stop if context.world_size == 1 else None
+
     def log_stopped() -> None:
         logger.warning("stopped by %s; resume with --resume %s", stop.signal_name or "another rank",
                        run_dir / "last.pt")
@@ -523,22 +532,14 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
         for epoch in range(start_epoch, cfg.train.epochs):
             state["epoch"] = epoch
             sampler.set_epoch(epoch, skip_batches=state["batches_done"])
-            try:
-                global_step, interrupted = train_one_epoch(
-                    train_model, criterion, loader, optimizer, scheduler, scaler, device,
-                    epoch=epoch + 1, global_step=state["global_step"],
-                    total_batches=steps_per_epoch - state["batches_done"], amp_dtype=amp_dtype,
-                    channels_last=cfg.train.channels_last, grad_clip_norm=cfg.train.grad_clip_norm, context=context,
-                    on_step=on_step, should_stop=stop_requested, show_progress=show_progress, ema=ema,
-                )  # fmt: skip
-            except RuntimeError as error:
-                # One process: the state is that of the last step completed. Under DDP the other ranks may
-                # be inside a step's collectives, which a save here would not match.
-                if not (stop() and context.world_size == 1 and stopped_loader_workers(error)):
-                    raise
-                logger.warning("the data loader's workers were stopped by the same %s, before the next batch",
-                               stop.signal_name)
-                interrupted = True
+            global_step, interrupted = train_one_epoch(
+                train_model, criterion, loader, optimizer, scheduler, scaler, device,
+                epoch=epoch + 1, global_step=state["global_step"],
+                total_batches=steps_per_epoch - state["batches_done"], amp_dtype=amp_dtype,
+                channels_last=cfg.train.channels_last, grad_clip_norm=cfg.train.grad_clip_norm, context=context,
+                on_step=on_step, should_stop=stop_requested, show_progress=show_progress, ema=ema,
+                stop_signalled=stop_signalled,
+            )  # fmt: skip
             if interrupted:
                 save("last.pt")
                 log_stopped()
@@ -549,7 +550,21 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
                 finished % cfg.train.eval_every_epochs == 0
             )
             if periodic or finished == cfg.train.epochs:
-                last_map = evaluate_now()
+                try:
+                    last_map = evaluate_now()
+                except Exception as error:
+                    # A SIGTERM to the whole job also kills the evaluation's loader workers. The checkpoint
+                    # then ends on the epoch's last step, and the resumed run evaluates the epoch first.
+                    if stop_signalled is None or not stop_signalled():
+                        raise
+                    first_line = (str(error).strip().splitlines() or [""])[0]
+                    logger.warning("epoch %d's evaluation failed after the stop request (%s: %s); a resume "
+                                   "evaluates it", finished, type(error).__name__, first_line)
+                    state["epoch"], state["batches_done"] = epoch, steps_per_epoch
+                    save("last.pt")
+                    interrupted = True
+                    log_stopped()
+                    break
                 if last_map > best_map:
                     best_map = last_map
                     save("best.pt")
@@ -564,32 +579,35 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
                 interrupted = True
                 log_stopped()
                 break
-    finally:
-        stop.restore()
+        # What follows still runs with the stop handlers: a second SIGTERM while the run is closing is
+        # reported and otherwise ignored, rather than killing the process before it exits.
         metrics.close()
-    elapsed = time.perf_counter() - started
-    # Every rank reports a hash of its weights: DDP must keep them bit-identical, and this proves it.
-    checksums = all_gather_objects(weights_checksum(model), context)
-    summary = {
-        "run_dir": str(run_dir),
-        "world_size": context.world_size,
-        "rank_weight_checksums": checksums,
-        "best_voc07_map": best_map if best_map >= 0 else None,
-        "last_voc07_map": last_map,
-        "global_step": state["global_step"],
-        "epochs_done": state["epoch"],
-        "interrupted": interrupted,
-        "wall_time_s": round(elapsed, 1),
-    }
-    if context.is_main:
-        try:
-            with atomic_file(run_dir / "summary.json", "w", encoding="utf-8") as handle:
-                handle.write(json.dumps(summary, indent=2))
-        except OSError as error:
-            raise CheckpointError(f"cannot write {run_dir / 'summary.json'}: {error.strerror or error}") from None
-        logger.info("done: %s", json.dumps({k: v for k, v in summary.items() if k != "rank_weight_checksums"}))
-        if len(set(checksums)) != 1:
-            logger.error("ranks ended with different weights: %s", checksums)
+        elapsed = time.perf_counter() - started
+        # Every rank reports a hash of its weights: DDP must keep them bit-identical, and this proves it.
+        checksums = all_gather_objects(weights_checksum(model), context)
+        summary = {
+            "run_dir": str(run_dir),
+            "world_size": context.world_size,
+            "rank_weight_checksums": checksums,
+            "best_voc07_map": best_map if best_map >= 0 else None,
+            "last_voc07_map": last_map,
+            "global_step": state["global_step"],
+            "epochs_done": state["epoch"],
+            "interrupted": interrupted,
+            "wall_time_s": round(elapsed, 1),
+        }
+        if context.is_main:
+            try:
+                with atomic_file(run_dir / "summary.json", "w", encoding="utf-8") as handle:
+                    handle.write(json.dumps(summary, indent=2))
+            except OSError as error:
+                raise CheckpointError(f"cannot write {run_dir / 'summary.json'}: {error.strerror or error}") from None
+            logger.info("done: %s", json.dumps({k: v for k, v in summary.items() if k != "rank_weight_checksums"}))
+            if len(set(checksums)) != 1:
+                logger.error("ranks ended with different weights: %s", checksums)
+    finally:
+        metrics.close()  # after an error as well (a second call does nothing)
+        stop.restore()
     return summary
 
 

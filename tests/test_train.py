@@ -172,26 +172,40 @@ def test_sigterm_saves_last_checkpoint(tmp_path):
     assert checkpoint["epoch"] * 3 + checkpoint["batches_done"] == checkpoint["global_step"]
 
 
-# train.py with each sample taking 0.3 s to load, so the main process spends its time waiting for batches.
+# train.py with each sample taking SLOW_SECONDS to load, so the main process spends its time waiting for
+# batches; it touches the file named by EVALUATING when an evaluation starts.
 SLOW_LOADING_TRAIN = """
-import sys, time
+import os, pathlib, sys, time
 from data.dataset import DetectionDataset
 load = DetectionDataset.__getitem__
-DetectionDataset.__getitem__ = lambda self, index: (time.sleep(0.3), load(self, index))[1]
+delay = float(os.environ["SLOW_SECONDS"])
+DetectionDataset.__getitem__ = lambda self, index: (time.sleep(delay), load(self, index))[1]
 import train
+run_inference = train.run_inference
+def marked_inference(*args, **kwargs):
+    pathlib.Path(os.environ["EVALUATING"]).touch()
+    return run_inference(*args, **kwargs)
+train.run_inference = marked_inference
 sys.exit(train.main(sys.argv[1:]))
 """
 
 
-def test_a_sigterm_to_the_whole_job_saves_the_last_step_though_it_kills_the_loader_workers(tmp_path):
-    # SLURM's scancel, systemd and `kill -- -PGID` send it to every process, the loader's workers included.
-    # They die while the main process waits for their next batch.
-    overrides = tiny_overrides(tmp_path, name="job", epochs=200) + ["train.eval_every_epochs=0",
-                                                                     "data.num_workers=2"]
-    process = subprocess.Popen(
+def start_slow_job(tmp_path, overrides, seconds_per_sample):
+    """train.py with SLOW_LOADING_TRAIN in a process group of its own, as a scheduler's job."""
+    return subprocess.Popen(
         [sys.executable, "-c", SLOW_LOADING_TRAIN, "--config", "configs/demo.yaml", "--no-progress", *overrides],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env=dict(os.environ, EVALUATING=str(tmp_path / "evaluating"), SLOW_SECONDS=str(seconds_per_sample)),
     )  # fmt: skip
+
+
+def test_a_sigterm_to_the_whole_job_saves_the_last_step_though_it_kills_the_loader_workers(tmp_path):
+    # SLURM's scancel, systemd and `kill -- -PGID` send it to every process, the loader's workers included.
+    # They die while the main process waits for their next batch: each worker needs 4 s for a batch of 4, and
+    # the signal comes when the first two batches have been trained on, seconds before the third is ready.
+    overrides = tiny_overrides(tmp_path, name="job", epochs=200) + ["train.eval_every_epochs=0",
+                                                                     "data.num_workers=2"]
+    process = start_slow_job(tmp_path, overrides, seconds_per_sample=1.0)
     metrics = tmp_path / "runs" / "job" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -199,17 +213,79 @@ def test_a_sigterm_to_the_whole_job_saves_the_last_step_though_it_kills_the_load
     os.killpg(process.pid, signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output
-    assert "workers were stopped by the same SIGTERM" in output
-    assert "Traceback" not in output
+    assert "the next batch could not be loaded after the stop request" in output
+    assert "Traceback" not in output and "race condition" not in output
     checkpoint = load_checkpoint(tmp_path / "runs" / "job" / "last.pt")
     logged_steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert checkpoint["global_step"] == logged_steps[-1] >= 2
     assert checkpoint["epoch"] * 3 + checkpoint["batches_done"] == checkpoint["global_step"]
 
 
-def test_a_stop_request_sets_torchs_worker_death_handler_aside_until_the_run_ends():
+class _OneBatchThenWorkerGone:
+    """A loader whose worker dies after the first batch, the way torch reports one that died while handing over
+    a batch (the connection to it reset)."""
+
+    def __iter__(self):
+        yield (torch.zeros(2, 3, 64, 64, dtype=torch.uint8), [torch.tensor([[0.1, 0.1, 0.6, 0.6]])] * 2,
+               [torch.tensor([1])] * 2, [torch.tensor([False])] * 2)
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+
+def test_a_batch_that_cannot_be_loaded_after_a_stop_request_ends_the_epoch_at_the_last_step(caplog):
+    from model.detector import TinyDetector
+    from model.loss import MultiBoxLoss
+    from utils.distributed import DistributedContext
+    from utils.engine import train_one_epoch
+
+    model = TinyDetector(2, width_mult=0.0625, image_size=64, pretrained=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def run(stop_signalled):
+        return train_one_epoch(
+            model, MultiBoxLoss(model.priors_cxcywh), _OneBatchThenWorkerGone(), optimizer,
+            torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), torch.amp.GradScaler("cpu", enabled=False),
+            torch.device("cpu"), epoch=1, global_step=7, total_batches=2, amp_dtype=None, channels_last=False,
+            grad_clip_norm=None, context=DistributedContext(0, 0, 1), show_progress=False,
+            stop_signalled=stop_signalled,
+        )  # fmt: skip
+
+    assert run(lambda: True) == (8, True)
+    assert "could not be loaded after the stop request (ConnectionResetError: [Errno 104] Connection reset by " \
+           "peer): stopping after step 8" in caplog.text
+    with pytest.raises(ConnectionResetError):  # without a stop request it is an error
+        run(lambda: False)
+    with pytest.raises(ConnectionResetError):
+        run(None)
+
+
+def test_a_job_wide_sigterm_during_the_evaluation_saves_the_epoch_and_the_resume_evaluates_it(tmp_path):
+    # The evaluation's loader has workers of its own, which the signal kills as well.
+    expected = uninterrupted_weights(tmp_path)
+    overrides = tiny_overrides(tmp_path, name="job", epochs=2) + ["data.num_workers=2"]
+    process = start_slow_job(tmp_path, overrides, seconds_per_sample=0.3)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "evaluating").exists():
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    assert "epoch 1's evaluation failed after the stop request" in output
+    assert "Traceback" not in output
+    last = tmp_path / "runs" / "job" / "last.pt"
+    checkpoint = load_checkpoint(last)
+    # On epoch 1's last step, as a checkpoint taken there by train.save_every_steps.
+    assert (checkpoint["epoch"], checkpoint["batches_done"], checkpoint["global_step"]) == (0, 3, 3)
+
+    assert train_module.main(["--resume", str(last), "--no-progress"]) == 0
+    assert state_dicts_equal(load_checkpoint(last)["model"], expected)
+    evaluations = [json.loads(line) for line in (tmp_path / "runs" / "job" / "metrics.jsonl").read_text().splitlines()
+                   if '"eval"' in line]
+    assert [(e["epoch"], e["step"]) for e in evaluations] == [(1, 3), (2, 6)]
+
+
+def test_a_stop_request_replaces_torchs_raise_on_worker_death_handler_for_good():
     def torch_like_handler(signum, frame):  # torch installs one with the first multi-process loader
-        pass
+        raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
 
     previous = signal.signal(signal.SIGCHLD, torch_like_handler)
     stop = train_module.StopRequest()
@@ -222,8 +298,11 @@ def test_a_stop_request_sets_torchs_worker_death_handler_aside_until_the_run_end
         stop.restore()
         restored = signal.getsignal(signal.SIGCHLD)
         signal.signal(signal.SIGCHLD, previous)
-    assert during_stop == signal.SIG_DFL
-    assert restored is torch_like_handler
+    # A Python function, so a SIGCHLD already pending finds a handler; kept after the run, when the loaders
+    # shut down and reap their dead workers.
+    assert callable(during_stop) and during_stop is not torch_like_handler
+    during_stop(signal.SIGCHLD, None)  # does nothing
+    assert restored is during_stop
 
 
 def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
@@ -562,7 +641,6 @@ def test_a_second_sigterm_keeps_saving_and_a_second_ctrl_c_stops_at_once_with_a_
     assert stop() and stop.signal_name == "SIGTERM"
     with pytest.raises(KeyboardInterrupt):
         stop._handle(signal.SIGINT, None)
-    stop.restore()  # the SIGCHLD handler it set aside
 
     def second_ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt

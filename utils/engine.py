@@ -143,15 +143,6 @@ def images_to_model(images: torch.Tensor, device: torch.device, memory_format: t
     return normalize_images(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
 
 
-def stopped_loader_workers(error: BaseException) -> bool:
-    """Whether `error` is a DataLoader's report that one of its worker processes died.
-
-    torch raises a plain RuntimeError for it, whose message is the only mark ("DataLoader worker (pid(s) ...)
-    exited unexpectedly", "... is killed by signal: ...").
-    """
-    return isinstance(error, RuntimeError) and "DataLoader worker" in str(error)
-
-
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,
@@ -172,11 +163,15 @@ def train_one_epoch(
     should_stop: Callable[[], bool] | None = None,
     show_progress: bool = True,
     ema: ModelEMA | None = None,
+    stop_signalled: Callable[[], bool] | None = None,
 ) -> tuple[int, bool]:
     """Run the optimizer over `loader` once; returns (global_step, stopped_early).
 
     `on_step` sees every step's statistics (logging, periodic checkpoints); `should_stop` is polled after
     each step so a signal handler can end the epoch at a step boundary with a consistent state.
+    `stop_signalled` (one process only) tells whether a stop was requested: fetching the next batch may then
+    fail, as a SIGTERM sent to the whole job kills the loader's workers too, and that failure ends the epoch
+    after the last step completed instead of the run.
     """
     model.train()
     progress = tqdm(
@@ -185,7 +180,20 @@ def train_one_epoch(
     )
     last_time = time.perf_counter()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for images, boxes, labels, _difficult in loader:
+    batches = iter(loader)
+    while True:
+        try:
+            images, boxes, labels, _difficult = next(batches)
+        except StopIteration:
+            break
+        except Exception as error:
+            if stop_signalled is None or not stop_signalled():
+                raise
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            logger.warning("the next batch could not be loaded after the stop request (%s: %s): stopping after "
+                           "step %d", type(error).__name__, first_line, global_step)
+            progress.close()
+            return global_step, True
         images = images_to_model(images, device, memory_format)
         boxes, labels = move_targets(boxes, labels, device)
         with autocast_context(device, amp_dtype):
