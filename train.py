@@ -67,6 +67,7 @@ from utils.ema import ModelEMA
 from utils.engine import (
     NonFiniteLossError,
     StepStats,
+    check_compile_toolchain,
     configure_cpu_training,
     non_finite_entries,
     resolve_amp_dtype,
@@ -292,6 +293,8 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
     if device.type == "cuda" and context.enabled:
         device = torch.device("cuda", context.local_rank)
     amp_dtype = resolve_amp_dtype(cfg.train.amp, device)
+    if cfg.train.compile:
+        check_compile_toolchain(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     else:

@@ -97,7 +97,9 @@ def hard_negative_mask(neg_loss: Tensor, positive: Tensor, neg_pos_ratio: float,
     else:
         excluded = positive | ignored
         n_available = n_priors - excluded.sum(dim=1, keepdim=True)
-    if float(neg_pos_ratio).is_integer():
+    # No image has more negatives than priors: a larger ratio selects the same, and would overflow int64.
+    neg_pos_ratio = min(float(neg_pos_ratio), float(n_priors))
+    if neg_pos_ratio.is_integer():
         wanted = n_pos * int(neg_pos_ratio)
     else:
         wanted = (n_pos * neg_pos_ratio).floor_().long()

@@ -103,8 +103,10 @@ def test_unknown_section_is_named(tmp_path):
         ("model:\n  width_mult: 0.25\n", "'model.pretrained': ImageNet weights only fit model.width_mult=1.0"),
         ("model:\n  pretrained: false\n  weights_path: vgg.pth\n  width_mult: 0.5\n",
          "'model.weights_path': ImageNet weights only fit model.width_mult=1.0, got width_mult=0.5"),
-        # numpy's seed sequences take non-negative seeds only
-        ("run:\n  seed: -1\n", "'run.seed' must be a non-negative integer, got -1"),
+        ("train:\n  weight_decay: .inf\n", "'train.weight_decay' must be a finite number, got inf"),
+        # numpy's seed sequences take non-negative seeds only, torch.manual_seed 64-bit ones
+        ("run:\n  seed: -1\n", r"'run.seed' must be an integer in \[0, 2\*\*64 - 1\], got -1"),
+        ("run:\n  seed: 18446744073709551616\n", r"'run.seed' must be an integer in \[0, 2\*\*64 - 1\], got 1844"),
         ("data:\n  split_seed: -3\n", "data.split_seed"),
         ("data:\n  synthetic:\n    seed: -1\n", "data.synthetic.seed"),
         # one split file and a random split of the other could put training images in the test set

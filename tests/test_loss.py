@@ -169,6 +169,8 @@ def test_hard_negative_count_is_three_to_one_and_capped():
     # the chosen negatives are the hardest ones
     negatives = ~positive[0]
     assert neg_loss[0][mask[0]].min() > neg_loss[0][negatives & ~mask[0]].max()
+    # a ratio beyond any image's negatives takes them all (n_pos * 1e20 would overflow int64)
+    assert hard_negative_mask(neg_loss, positive, 1e20).sum(dim=1).tolist() == [439, 0, 241]
 
 
 @pytest.mark.parametrize(("neg_pos_ratio", "with_ignored"), [(3, True), (3, False), (2.5, True), (0.5, False)])

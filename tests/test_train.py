@@ -19,7 +19,7 @@ import train as train_module
 from data.errors import DataError
 from tests.train_helpers import REPO, state_dicts_equal, tiny_config, tiny_overrides
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.config import load_config
+from utils.config import ConfigError, load_config
 from utils.engine import NonFiniteLossError, keep_freed_memory_in_process
 
 
@@ -711,3 +711,15 @@ def test_an_error_from_a_loader_worker_is_printed_as_its_own_message():
     assert user_message(error.value) == (
         "/data/raccoon-39.jpg: decoded size 250x172 differs from the annotated size 500x344")
     assert user_message(ImageReadError("plain")) == "plain"
+
+
+def test_compile_on_a_cpu_without_a_cpp_compiler_is_refused_before_training(tmp_path, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (str(tmp_path / "no-such-g++"),))
+    cfg = tiny_config(tmp_path, name="nocxx")
+    cfg.train.compile = True
+    with pytest.raises(ConfigError, match=r"'train.compile': torch.compile on CPU needs a working C\+\+ compiler "
+                                          r"\(.*no-such-g\+\+.*\); install one .* or set train.compile=false"):
+        train_module.train(cfg, show_progress=False)
+    assert not (tmp_path / "runs" / "nocxx").exists()

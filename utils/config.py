@@ -492,8 +492,9 @@ def _check_values(cfg: Config) -> None:
     for key, (value, minimum) in at_least.items():
         if not value >= minimum:  # also refuses NaN
             raise ConfigError(f"config key '{key}' must be at least {minimum}, got {value}")
-    if not math.isfinite(train.warmup_epochs):
-        raise ConfigError(f"config key 'train.warmup_epochs' must be a finite number, got {train.warmup_epochs}")
+    for key, value in (("train.warmup_epochs", train.warmup_epochs), ("train.weight_decay", train.weight_decay)):
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
     # A clip norm <= 0 zeroes or reverses every gradient; a gamma <= 0 makes the rate 0 or negative.
     if train.grad_clip_norm is not None and not (math.isfinite(train.grad_clip_norm) and train.grad_clip_norm > 0):
         raise ConfigError(f"config key 'train.grad_clip_norm' must be null or a finite number > 0, "
@@ -525,11 +526,12 @@ def _check_values(cfg: Config) -> None:
         if not (above and below):
             interval = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
             raise ConfigError(f"config key '{key}' must be in {interval}, got {value}")
-    # numpy's seed sequences, which derive every random stream, take non-negative seeds only.
+    # numpy's seed sequences, which derive every random stream, take non-negative seeds only, and
+    # torch.manual_seed 64-bit ones.
     for key, seed in (("run.seed", cfg.run.seed), ("data.split_seed", cfg.data.split_seed),
                       ("data.synthetic.seed", cfg.data.synthetic.seed)):
-        if seed < 0:
-            raise ConfigError(f"config key '{key}' must be a non-negative integer, got {seed}")
+        if not 0 <= seed < 2**64:
+            raise ConfigError(f"config key '{key}' must be an integer in [0, 2**64 - 1], got {seed}")
     train_split, test_split = cfg.data.train_split_file, cfg.data.test_split_file
     if cfg.data.format == "folder" and (train_split is None) != (test_split is None):
         given, missing = (("data.train_split_file", "data.test_split_file") if test_split is None

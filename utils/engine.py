@@ -111,6 +111,27 @@ def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return dtype
 
 
+def check_compile_toolchain(device: torch.device) -> None:
+    """Refuse `train.compile` on a CPU without a working C++ compiler, before anything is trained.
+
+    torch.compile is lazy: without the check, inductor would fail on the first training step with a long
+    traceback (``InvalidCxxCompiler``). On CUDA it generates Triton kernels instead.
+    """
+    if device.type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler  # torch's own search (CXX, then g++)
+    except ImportError:  # another torch layout: the compile itself will tell
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as error:
+        raise ConfigError(
+            f"config key 'train.compile': torch.compile on CPU needs a working C++ compiler ({error}); "
+            "install one (e.g. g++, or set CXX to it) or set train.compile=false"
+        ) from None
+
+
 def autocast_context(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     # A null context keeps the step code free of precision branches.
     if amp_dtype is None:
