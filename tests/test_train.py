@@ -173,19 +173,20 @@ def test_sigterm_saves_last_checkpoint(tmp_path):
 
 
 # train.py with each sample taking SLOW_SECONDS to load, so the main process spends its time waiting for
-# batches; it touches the file named by EVALUATING when an evaluation starts.
+# batches; the evaluation's loader workers touch the file named by EVALUATING as they start on an image.
 SLOW_LOADING_TRAIN = """
 import os, pathlib, sys, time
 from data.dataset import DetectionDataset
+from utils import engine
 load = DetectionDataset.__getitem__
 delay = float(os.environ["SLOW_SECONDS"])
 DetectionDataset.__getitem__ = lambda self, index: (time.sleep(delay), load(self, index))[1]
-import train
-run_inference = train.run_inference
-def marked_inference(*args, **kwargs):
+load_for_inference = engine._IndexedImages.__getitem__
+def marked(self, position):
     pathlib.Path(os.environ["EVALUATING"]).touch()
-    return run_inference(*args, **kwargs)
-train.run_inference = marked_inference
+    return load_for_inference(self, position)
+engine._IndexedImages.__getitem__ = marked
+import train
 sys.exit(train.main(sys.argv[1:]))
 """
 
@@ -259,7 +260,7 @@ def test_a_batch_that_cannot_be_loaded_after_a_stop_request_ends_the_epoch_at_th
 
 
 def test_a_job_wide_sigterm_during_the_evaluation_saves_the_epoch_and_the_resume_evaluates_it(tmp_path):
-    # The evaluation's loader has workers of its own, which the signal kills as well.
+    # The evaluation's loader has workers of its own, which the signal kills while they load its images.
     expected = uninterrupted_weights(tmp_path)
     overrides = tiny_overrides(tmp_path, name="job", epochs=2) + ["data.num_workers=2"]
     process = start_slow_job(tmp_path, overrides, seconds_per_sample=0.3)
