@@ -69,6 +69,7 @@ from utils.engine import (
     StepStats,
     check_compile_toolchain,
     configure_cpu_training,
+    describe_error,
     non_finite_entries,
     resolve_amp_dtype,
     resolve_device,
@@ -560,9 +561,8 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
                     # then ends on the epoch's last step, and the resumed run evaluates the epoch first.
                     if stop_signalled is None or not stop_signalled():
                         raise
-                    first_line = (str(error).strip().splitlines() or [""])[0]
-                    logger.warning("epoch %d's evaluation failed after the stop request (%s: %s); a resume "
-                                   "evaluates it", finished, type(error).__name__, first_line)
+                    logger.warning("epoch %d's evaluation failed after the stop request (%s); a resume evaluates it",
+                                   finished, describe_error(error))
                     state["epoch"], state["batches_done"] = epoch, steps_per_epoch
                     save("last.pt")
                     interrupted = True

@@ -232,6 +232,13 @@ class _OneBatchThenWorkerGone:
         raise ConnectionResetError(104, "Connection reset by peer")
 
 
+class _WorkersGoneAtEpochStart:
+    """A loader with persistent workers that died before the epoch started: starting it fails."""
+
+    def __iter__(self):
+        raise EOFError
+
+
 def test_a_batch_that_cannot_be_loaded_after_a_stop_request_ends_the_epoch_at_the_last_step(caplog):
     from model.detector import TinyDetector
     from model.loss import MultiBoxLoss
@@ -241,9 +248,9 @@ def test_a_batch_that_cannot_be_loaded_after_a_stop_request_ends_the_epoch_at_th
     model = TinyDetector(2, width_mult=0.0625, image_size=64, pretrained=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
 
-    def run(stop_signalled):
+    def run(stop_signalled, loader=None):
         return train_one_epoch(
-            model, MultiBoxLoss(model.priors_cxcywh), _OneBatchThenWorkerGone(), optimizer,
+            model, MultiBoxLoss(model.priors_cxcywh), loader or _OneBatchThenWorkerGone(), optimizer,
             torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), torch.amp.GradScaler("cpu", enabled=False),
             torch.device("cpu"), epoch=1, global_step=7, total_batches=2, amp_dtype=None, channels_last=False,
             grad_clip_norm=None, context=DistributedContext(0, 0, 1), show_progress=False,
@@ -257,6 +264,10 @@ def test_a_batch_that_cannot_be_loaded_after_a_stop_request_ends_the_epoch_at_th
         run(lambda: False)
     with pytest.raises(ConnectionResetError):
         run(None)
+    assert run(lambda: True, _WorkersGoneAtEpochStart()) == (7, True)
+    assert "after the stop request (EOFError): stopping after step 7" in caplog.text
+    with pytest.raises(EOFError):
+        run(lambda: False, _WorkersGoneAtEpochStart())
 
 
 def test_a_job_wide_sigterm_during_the_evaluation_saves_the_epoch_and_the_resume_evaluates_it(tmp_path):

@@ -164,6 +164,12 @@ def images_to_model(images: torch.Tensor, device: torch.device, memory_format: t
     return normalize_images(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
 
 
+def describe_error(error: BaseException) -> str:
+    """``"Type: first line of the message"``, or the type alone for an empty message (torch's EOFError)."""
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,
@@ -201,18 +207,19 @@ def train_one_epoch(
     )
     last_time = time.perf_counter()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    batches = iter(loader)
+    batches = None
     while True:
         try:
+            if batches is None:  # persistent workers are waited for here, at the start of every epoch
+                batches = iter(loader)
             images, boxes, labels, _difficult = next(batches)
         except StopIteration:
             break
         except Exception as error:
             if stop_signalled is None or not stop_signalled():
                 raise
-            first_line = (str(error).strip().splitlines() or [""])[0]
-            logger.warning("the next batch could not be loaded after the stop request (%s: %s): stopping after "
-                           "step %d", type(error).__name__, first_line, global_step)
+            logger.warning("the next batch could not be loaded after the stop request (%s): stopping after step %d",
+                           describe_error(error), global_step)
             progress.close()
             return global_step, True
         images = images_to_model(images, device, memory_format)
