@@ -49,14 +49,14 @@ class MetricsLogger:
         else:
             purge_step = 0 if resumed_at is None else resumed_at[1]
             self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
-            for line in kept:
-                record = json.loads(line)
-                if resumed_at is not None and record.get("step") == purge_step:
+            for record in kept:  # none for a new run
+                if record.get("step") == purge_step:
                     self._to_tensorboard(record)
 
-    def _start_file(self, resumed_at: tuple[int, int] | None) -> list[str]:
+    def _start_file(self, resumed_at: tuple[int, int] | None) -> list[dict[str, Any]]:
         """Rewrite the file with the records a resumed run keeps (none for a new run); returns them."""
-        kept: list[str] = []
+        kept_lines: list[str] = []
+        kept: list[dict[str, Any]] = []
         if not self.path.exists():
             return kept
         if resumed_at is not None:
@@ -72,11 +72,12 @@ class MetricsLogger:
                     record.get("type") == "eval" and record.get("epoch", 0) > epochs_done
                 )
                 if not after:
-                    kept.append(line)
+                    kept_lines.append(line)
+                    kept.append(record)
         else:
             logger.info("%s: a new run starts the file anew", self.path)
         with atomic_file(self.path, "w", encoding="utf-8") as handle:
-            handle.writelines(f"{line}\n" for line in kept)
+            handle.writelines(f"{line}\n" for line in kept_lines)
         return kept
 
     def _to_tensorboard(self, record: dict[str, Any]) -> None:
