@@ -461,9 +461,10 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
         # gradient all-reduce for a peer that has stopped.
         return any_rank(stop(), context)
 
-    # One process only: under DDP the other ranks may be inside a step's collectives, which a save after a
-    # failed batch or evaluation on this rank would not match.
-    stop_signalled = stop if context.world_size == 1 else None
+    def stop_signalled() -> bool:
+        # One process only: under DDP the other ranks may be inside a step's collectives, which a save after a
+        # failed batch or evaluation on this rank would not match.
+        return context.world_size == 1 and stop()
 
     def log_stopped() -> None:
         logger.warning("stopped by %s; resume with --resume %s", stop.signal_name or "another rank",
@@ -559,7 +560,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
                 except Exception as error:
                     # A SIGTERM to the whole job also kills the evaluation's loader workers. The checkpoint
                     # then ends on the epoch's last step, and the resumed run evaluates the epoch first.
-                    if stop_signalled is None or not stop_signalled():
+                    if not stop_signalled():
                         raise
                     logger.warning("epoch %d's evaluation failed after the stop request (%s); a resume evaluates it",
                                    finished, describe_error(error))
