@@ -87,13 +87,26 @@ def _features_state_dict(state_dict: object, source: str) -> dict[str, torch.Ten
         sample = ", ".join(list(map(str, state_dict))[:3])
         raise WeightsError(f"{source}: no 'features.*' keys, so it is not a torchvision VGG16 state_dict "
                            f"(first keys: {sample or 'none'})")
+    for key, value in features.items():
+        if not isinstance(value, torch.Tensor):
+            raise WeightsError(f"{source}: features.{key} is a {type(value).__name__}, not a tensor, so it is "
+                               "not a torchvision VGG16 state_dict")
     return features
 
 
-def _first_line(error: Exception) -> str:
-    """An exception's type and first line: torch's unpickling errors go on with advice that does not apply."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+def _why_unreadable(error: Exception) -> str:
+    """Why ``torch.load`` failed, in a line: its unpickling errors go on with advice that does not apply
+    (among it, to turn ``weights_only`` off, which would run any code the file holds)."""
+    message = str(error)
+    if "Unsupported global" in message:  # torch's words for a pickled class in a weights-only load
+        reason = ("it holds pickled Python objects (such as a whole model saved with torch.save(model)), which "
+                  "are not loaded as they could run code; save the model's state_dict() instead")
+    elif "Weights only load failed" in message:
+        reason = "not a file written by torch.save, or a damaged one"
+    else:
+        lines = message.strip().splitlines()
+        reason = lines[0] if lines else ""
+    return f"{type(error).__name__}: {reason}" if reason else type(error).__name__
 
 
 def load_vgg16_weights(features: nn.Sequential, *, batch_norm: bool, pretrained: bool = False,
@@ -119,7 +132,7 @@ def load_vgg16_weights(features: nn.Sequential, *, batch_norm: bool, pretrained:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # any unpickling failure means the same to the user
             raise WeightsError(
-                f"model.weights_path={path}: cannot read it as a torch state_dict ({_first_line(exc)})"
+                f"model.weights_path={path}: cannot read it as a torch state_dict ({_why_unreadable(exc)})"
             ) from None
         source = f"model.weights_path={path}"
     elif pretrained:
@@ -131,7 +144,7 @@ def load_vgg16_weights(features: nn.Sequential, *, batch_norm: bool, pretrained:
         except Exception as exc:  # URLError, OSError, hash mismatch, unpickling: all end here
             if cached.is_file():
                 raise WeightsError(
-                    f"cannot read the cached ImageNet VGG16 weights {cached} ({_first_line(exc)}); delete that "
+                    f"cannot read the cached ImageNet VGG16 weights {cached} ({_why_unreadable(exc)}); delete that "
                     "file to download it again, or pass model.weights_path"
                 ) from None
             raise WeightsDownloadError(
@@ -145,7 +158,10 @@ def load_vgg16_weights(features: nn.Sequential, *, batch_norm: bool, pretrained:
 
     features_sd = _features_state_dict(state_dict, source)
     own = features.state_dict()
-    missing = sorted(set(own) - set(features_sd), key=_layer_order)
+    # torchvision's vgg16_bn file predates BatchNorm's batch counter; load_state_dict sets the counter to 0
+    # for files without it, as torchvision's own loading does.
+    optional = {k for k in own if k.endswith(".num_batches_tracked")}
+    missing = sorted(set(own) - set(features_sd) - optional, key=_layer_order)
     unexpected = sorted(set(features_sd) - set(own), key=_layer_order)
     wrong_shape = [k for k in own if k in features_sd and features_sd[k].shape != own[k].shape]
     if missing or unexpected or wrong_shape:

@@ -159,14 +159,34 @@ def test_weights_path_loads_torchvision_state_dict(tmp_path, batch_norm):
         assert torch.equal(model.base[1].running_var, state["features.1.running_var"])
 
 
+def test_weights_path_loads_a_vgg16_bn_file_without_batch_counters(tmp_path):
+    # torchvision's vgg16_bn-6c64b313.pth predates BatchNorm's num_batches_tracked buffers.
+    state = {k: v for k, v in torchvision_state_dict(batch_norm=True).items() if "num_batches_tracked" not in k}
+    path = tmp_path / "vgg16_bn.pth"
+    torch.save(state, path)
+    model = TinyDetector(21, batch_norm=True, weights_path=str(path))
+    assert torch.equal(model.base[1].running_mean, state["features.1.running_mean"])
+    assert torch.equal(model.base[40].weight, state["features.40.weight"])
+    assert int(model.base[1].num_batches_tracked) == 0
+
+
 def test_weights_path_errors_name_the_file(tmp_path):
     missing = tmp_path / "nope.pth"
     with pytest.raises(WeightsError, match="nope.pth: no such file"):
         TinyDetector(21, weights_path=missing)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match="garbage.pth: cannot read"):
+    with pytest.raises(WeightsError, match="garbage.pth: cannot read .*not a file written by torch.save"):
         TinyDetector(21, weights_path=garbage)
+    whole_model = tmp_path / "model.pth"
+    torch.save(nn.Conv2d(1, 1, 1), whole_model)  # a module pickled whole, not its state_dict
+    with pytest.raises(WeightsError, match=r"model.pth: cannot read .*pickled Python objects.*state_dict\(\)") as info:
+        TinyDetector(21, weights_path=whole_model)
+    assert "\x1b" not in str(info.value) and "weights_only" not in str(info.value)
+    not_tensors = tmp_path / "lists.pth"
+    torch.save({"features.0.weight": [1.0]}, not_tensors)
+    with pytest.raises(WeightsError, match="lists.pth: features.0.weight is a list, not a tensor"):
+        TinyDetector(21, weights_path=not_tensors)
     bn_file = tmp_path / "vgg16_bn.pth"
     torch.save(torchvision_state_dict(batch_norm=True), bn_file)
     with pytest.raises(WeightsError, match=r"vgg16_bn.pth: does not fit the vgg16 \(batch_norm=False\)"):
