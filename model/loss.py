@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from torchvision.ops import sigmoid_focal_loss
 
 from utils.boxes import encode_boxes
 from utils.matching import (
@@ -361,14 +360,22 @@ class MultiBoxLoss(nn.Module):
 
     def _sigmoid_focal(self, scores: Tensor, target: Tensor) -> Tensor:
         # One binary problem per object class; background is the all-zero target, its logit unused.
+        # RetinaNet's loss, written in log space: (1 - p_t)^gamma as exp(gamma * log(1 - p_t)). The usual
+        # form (torchvision's sigmoid_focal_loss) takes a power of 1 - p_t, which is exactly 0 once a logit
+        # saturates, and for gamma < 1 the power's derivative there is infinite: NaN gradients.
         n_classes = scores.shape[2]
         one_hot = F.one_hot(target, n_classes)[..., 1:].to(scores.dtype)
-        loss = sigmoid_focal_loss(scores[..., 1:], one_hot, alpha=self.focal_alpha, gamma=self.focal_gamma,
-                                  reduction="none")
-        return loss.sum(dim=-1)
+        true_logit = scores[..., 1:] * (2 * one_hot - 1)  # the logit of the true outcome, z: p_t = sigmoid(z)
+        cross_entropy = -F.logsigmoid(true_logit)
+        modulating = torch.exp(self.focal_gamma * F.logsigmoid(-true_logit))  # (1 - p_t)^gamma
+        alpha_t = self.focal_alpha * one_hot + (1.0 - self.focal_alpha) * (1.0 - one_hot)
+        return (alpha_t * modulating * cross_entropy).sum(dim=-1)
 
     def _softmax_focal(self, scores: Tensor, target: Tensor) -> Tensor:
-        log_p = F.log_softmax(scores, dim=-1).gather(-1, target[..., None]).squeeze(-1)
-        p = log_p.exp()
+        log_probs = F.log_softmax(scores, dim=-1)
+        log_p = log_probs.gather(-1, target[..., None]).squeeze(-1)
+        # log(1 - p) as the log-sum of the other classes' probabilities: finite where p rounds to 1, so the
+        # gradient of (1 - p)^gamma stays finite for gamma < 1 too.
+        log_rest = log_probs.scatter(-1, target[..., None], -math.inf).logsumexp(dim=-1)
         alpha_t = torch.where(target > 0, self.focal_alpha, 1.0 - self.focal_alpha)
-        return -alpha_t * (1.0 - p).pow(self.focal_gamma) * log_p
+        return -alpha_t * torch.exp(self.focal_gamma * log_rest) * log_p

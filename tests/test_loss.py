@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, sigmoid_focal_loss
 
 from model.loss import LossInputError, MultiBoxLoss, hard_negative_mask, score_activation_for
 from model.priors import create_prior_boxes
@@ -227,6 +227,35 @@ def test_focal_softmax_hand_computed():
     neg2 = 0.75 * 0.5**2 * LN2
     out = MultiBoxLoss(PRIORS, classification="focal_softmax")(locs, scores, boxes, labels)
     assert math.isclose(out.confidence.item(), pos + neg1 + neg2, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("classification", ["focal_sigmoid", "focal_softmax"])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_focal_gradients_stay_finite_when_a_probability_saturates(classification, gamma):
+    # Logits of 30 and more make p, or 1 - p, round to exactly 1 in float32; for gamma < 1 the
+    # derivative of (1 - p)^gamma written as a power is infinite there.
+    g = torch.Generator().manual_seed(2)
+    locs, scores, boxes, labels = random_batch(4, 6, 21, g, min_boxes=1)
+    scores[:, ::2] *= 15.0  # logits of +-30 and beyond: sigmoids and softmaxes of 0 or 1
+    locs.requires_grad_(True)
+    scores.requires_grad_(True)
+    priors = create_prior_boxes()
+    out = MultiBoxLoss(priors, classification=classification, focal_gamma=gamma)(locs, scores, boxes, labels)
+    out.total.backward()
+    assert torch.isfinite(scores.grad).all() and torch.isfinite(locs.grad).all()
+    expected = reference_multibox_loss(locs.detach(), scores.detach(), boxes, labels, priors,
+                                       classification=classification, focal_gamma=gamma)
+    assert torch.allclose(out.total, expected[0], rtol=1e-5, atol=1e-6)
+
+
+def test_focal_sigmoid_equals_torchvisions_on_moderate_logits():
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(3, 441, 21, generator=g) * 3
+    loss_fn = MultiBoxLoss(create_prior_boxes(), classification="focal_sigmoid")
+    target = torch.randint(0, 21, (3, 441), generator=g)
+    one_hot = F.one_hot(target, 21)[..., 1:].float()
+    expected = sigmoid_focal_loss(scores[..., 1:], one_hot, alpha=0.25, gamma=2.0, reduction="none").sum(-1)
+    assert torch.allclose(loss_fn._sigmoid_focal(scores, target), expected, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("classification", ["hard_negative", "focal_sigmoid", "focal_softmax"])
