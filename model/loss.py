@@ -42,6 +42,9 @@ __all__ = [
 ]
 
 CLASSIFICATION_LOSSES = ("hard_negative", "focal_sigmoid", "focal_softmax")
+# Box coordinates accepted by the loss: fractional, with up to one image size beyond each side (a box may
+# reach out of the image; one further out has pixel coordinates or is not a box of this image).
+_COORDINATE_RANGE = (-1.0, 2.0)
 
 
 class LossInputError(ValueError):
@@ -264,21 +267,31 @@ class MultiBoxLoss(nn.Module):
         return self._prior_boxes
 
     def _check_targets(self, targets: Targets, n_classes: int) -> None:
-        # Bad targets would otherwise surface later as NaN or a CUDA assert. One host sync for the batch:
-        # the sides and labels' extremes. A NaN side makes its minimum NaN, an infinite coordinate one
-        # side infinite or NaN; the rows are searched only when something is wrong.
+        # Bad targets would otherwise surface later as NaN or a CUDA assert, or match nothing without a word
+        # (pixel coordinates, a box off the image). One host sync for the batch: the corners', sides' and
+        # labels' extremes. A NaN side makes its minimum NaN, an infinite coordinate one side infinite or NaN;
+        # the rows are searched only when something is wrong.
         boxes, labels = targets.boxes, targets.labels
         if boxes.shape[0] == 0:
             return
+        corner_min, corner_max = torch.aminmax(boxes, dim=0)  # (4,) each: x_min, y_min, x_max, y_max
         side_min, side_max = torch.aminmax(boxes[:, 2:] - boxes[:, :2])
         label_min, label_max = torch.aminmax(labels)
-        side_min, side_max, label_min, label_max = torch.stack(
-            [side_min, side_max, label_min.to(side_min.dtype), label_max.to(side_min.dtype)]).tolist()
-        if side_min > 0 and side_max < math.inf and label_min >= 1 and label_max < n_classes:
+        extremes = torch.cat([corner_min, corner_max, torch.stack([side_min, side_max]),
+                              torch.stack([label_min, label_max]).to(boxes.dtype)]).tolist()
+        corner_min, corner_max, (side_min, side_max, label_min, label_max) = extremes[:4], extremes[4:8], extremes[8:]
+        lowest, highest = min(corner_min[:2]), max(corner_max[2:])  # of all coordinates, when the sides are > 0
+        last_start, first_end = max(corner_max[:2]), min(corner_min[2:])  # every box overlaps the image
+        if (side_min > 0 and side_max < math.inf and label_min >= 1 and label_max < n_classes
+                and _COORDINATE_RANGE[0] <= lowest and highest <= _COORDINATE_RANGE[1]
+                and last_start < 1 and first_end > 0):
             return
-        bad_box = ~(torch.isfinite(boxes).all(dim=1) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
+        x_min, y_min, x_max, y_max = boxes.unbind(dim=1)
+        bad_box = ~(torch.isfinite(boxes).all(dim=1) & (x_max > x_min) & (y_max > y_min))
+        off_range = (boxes < _COORDINATE_RANGE[0]).any(dim=1) | (boxes > _COORDINATE_RANGE[1]).any(dim=1)
+        off_image = (x_min >= 1) | (y_min >= 1) | (x_max <= 0) | (y_max <= 0)
         bad_label = (labels < 1) | (labels >= n_classes)
-        bad = torch.stack([bad_box.any(), bad_label.any()]).tolist()
+        bad = torch.stack([bad_box.any(), off_range.any(), off_image.any(), bad_label.any()]).tolist()
         if bad[0]:
             row = int(bad_box.nonzero()[0])
             raise TargetError(
@@ -286,6 +299,19 @@ class MultiBoxLoss(nn.Module):
                 "x_max > x_min and y_max > y_min"
             )
         if bad[1]:
+            row = int(off_range.nonzero()[0])
+            raise TargetError(
+                f"boxes{_position(targets, row)} = {boxes[row].tolist()} has a coordinate outside "
+                f"{list(_COORDINATE_RANGE)}: boxes are fractional x_min, y_min, x_max, y_max (pixels divided by "
+                "the image's width and height), not pixels"
+            )
+        if bad[2]:
+            row = int(off_image.nonzero()[0])
+            raise TargetError(
+                f"boxes{_position(targets, row)} = {boxes[row].tolist()} lies outside the image: a fractional "
+                "box must overlap [0, 1] x [0, 1] to be matched to a prior"
+            )
+        if bad[3]:
             row = int(bad_label.nonzero()[0])
             raise TargetError(
                 f"labels{_position(targets, row)} = {int(labels[row])} is outside 1..{n_classes - 1} "
@@ -299,12 +325,17 @@ class MultiBoxLoss(nn.Module):
         Args:
             predicted_locs: ``(N, P, 4)`` predicted offsets.
             predicted_scores: ``(N, P, C)`` raw class logits, column 0 = background.
-            boxes: ``N`` tensors ``(n_i, 4)`` of fractional xyxy boxes (``n_i`` may be 0).
+            boxes: ``N`` tensors ``(n_i, 4)`` of fractional xyxy boxes (``n_i`` may be 0); each must overlap
+                the image [0, 1] x [0, 1], and its coordinates lie in [-1, 2].
             labels: ``N`` long tensors ``(n_i,)`` in 1..C-1.
 
         Returns:
             :class:`LossOutput`; both parts are divided by the batch's number of positives (at least 1),
             so a batch without positives gives a finite loss with localization 0.
+
+        Raises:
+            TargetError: a box or label that cannot be a target (non-finite, empty, in pixels, off the
+                image, a label out of range), named by its position in the lists.
         """
         self._check_inputs(predicted_locs, predicted_scores, boxes, labels)
         # The loss runs in float32 even under autocast: log-softmax and sums over thousands of priors

@@ -357,6 +357,30 @@ def test_bad_targets_name_the_entry():
         loss_fn(locs, scores, [both_infinite, good], [torch.tensor([1, 2]), torch.tensor([1])])
 
 
+def test_boxes_in_pixels_or_off_the_image_are_refused_and_boxes_reaching_out_of_it_are_not():
+    loss_fn = MultiBoxLoss(create_prior_boxes())
+    locs, scores = torch.zeros(2, 441, 4), torch.zeros(2, 441, 21)
+    good = torch.tensor([[0.1, 0.2, 0.5, 0.6]])
+    pixels = torch.tensor([[48.0, 240.0, 195.0, 371.0], [8.0, 12.0, 352.0, 498.0]])
+    with pytest.raises(TargetError, match=r"boxes\[1\]\[0\] = \[48.0, 240.0, 195.0, 371.0\] has a coordinate "
+                                          r"outside \[-1.0, 2.0\]: .*not pixels"):
+        loss_fn(locs, scores, [good, pixels], [torch.tensor([1]), torch.tensor([1, 2])])
+    # one corner in pixels, the rest fractional: still out of range
+    with pytest.raises(TargetError, match=r"boxes\[0\]\[0\] .* outside \[-1.0, 2.0\]"):
+        loss_fn(locs, scores, [torch.tensor([[0.0, 0.0, 50.0, 0.5]]), good], [torch.tensor([1]), torch.tensor([1])])
+    for off in ([1.2, 0.2, 1.5, 0.4], [0.2, 1.0, 0.4, 1.5], [-0.5, 0.2, 0.0, 0.4], [0.2, -0.9, 0.4, -0.1]):
+        with pytest.raises(TargetError, match=r"boxes\[1\]\[1\] = .* lies outside the image"):
+            loss_fn(locs, scores, [good, torch.tensor([[0.3, 0.3, 0.6, 0.6], off])],
+                    [torch.tensor([1]), torch.tensor([1, 2])])
+    # reaching out of the image is legal (unclipped boxes); such a box is matched as the reference matches it
+    reaching = [torch.tensor([[-0.2, 0.5, 1.3, 1.1]]), torch.tensor([[0.9, -0.4, 1.9, 0.3], [0.0, 0.0, 1.0, 1.0]])]
+    labels = [torch.tensor([3]), torch.tensor([1, 2])]
+    out = loss_fn(locs, scores, reaching, labels)
+    expected = reference_multibox_loss(locs, scores, reaching, labels, create_prior_boxes())
+    assert out.n_positives == expected[3] > 0
+    assert torch.allclose(out.total, expected[0], rtol=1e-5)
+
+
 def test_bad_shapes_and_options():
     loss_fn = MultiBoxLoss(PRIORS)
     with pytest.raises(LossInputError, match="predicted_locs"):
