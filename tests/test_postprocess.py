@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torchvision.ops import box_iou
@@ -123,13 +124,32 @@ def test_hand_computed_box_voting():
     assert torch.allclose(dets[0].boxes[2], cxcywh_to_xyxy(priors[1]), atol=1e-6)
 
 
-def test_box_voting_keeps_a_zero_area_box():
-    # The prior lies right of the image: its box clips to zero width, and its IoU with itself is 0 / 0.
+@pytest.mark.parametrize("box_voting_iou", [None, 0.5])
+def test_a_box_clipped_to_zero_area_is_no_detection(box_voting_iou):
+    # The first prior lies right of the image: its box clips to a line, which can match no object, and whose
+    # IoU with a copy of itself is 0 / 0, so NMS would never suppress its copies.
     priors = torch.tensor([[1.2, 0.5, 0.1, 0.1], [0.5, 0.5, 0.2, 0.2]])
     dets = detect_objects(torch.zeros(1, 2, 4), torch.tensor([[[0.0, 5.0], [0.0, 4.0]]]), priors,
-                          box_voting_iou=0.5)
-    assert torch.isfinite(dets[0].boxes).all()
-    assert dets[0].boxes[0].tolist() == pytest.approx([1.0, 0.45, 1.0, 0.55])
+                          box_voting_iou=box_voting_iou)
+    assert dets[0].boxes.tolist() == [pytest.approx([0.4, 0.4, 0.6, 0.6])]
+    # offsets that throw every box off the image: nothing, rather than top_k copies of one corner point
+    locs = torch.full((2, 441, 4), 1e4)
+    dets = detect_objects(locs, torch.randn(2, 441, 21), create_prior_boxes(), box_voting_iou=box_voting_iou)
+    assert [len(d.boxes) for d in dets] == [0, 0]
+
+
+def test_bad_parameters_are_refused_by_name():
+    locs, scores, priors = torch.zeros(1, 2, 4), torch.zeros(1, 2, 3), torch.tensor([[0.5, 0.5, 0.2, 0.2]] * 2)
+    for kwargs, message in [({"min_score": math.nan}, "min_score must be a number in"),
+                            ({"min_score": -0.1}, "min_score"), ({"min_score": 1.5}, "min_score"),
+                            ({"max_overlap": math.nan}, "max_overlap must be a number in"),
+                            ({"max_overlap": -1}, "max_overlap"), ({"top_k": 2.5}, "top_k must be an integer"),
+                            ({"top_k": 0}, "top_k"), ({"top_k": True}, "top_k"),
+                            ({"candidates_per_image": 3.0}, "candidates_per_image must be an integer"),
+                            ({"box_voting_iou": math.nan}, "box_voting_iou")]:
+        with pytest.raises(PostprocessError, match=message):
+            detect_objects(locs, scores, priors, **kwargs)
+    assert len(detect_objects(locs, scores, priors, top_k=np.int64(3), min_score=0, max_overlap=1)) == 1
 
 
 def test_box_voting_in_chunks_equals_all_at_once():

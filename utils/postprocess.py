@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import numbers
+import operator
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -84,13 +86,16 @@ def detect_objects(locs: Tensor, scores: Tensor, priors_cxcywh: Tensor, *, min_s
         raise PostprocessError(f"scores need >= 2 columns (background + classes), got {scores.shape[2]}")
     if activation not in ("softmax", "sigmoid"):
         raise PostprocessError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
-    if top_k < 1:
-        raise PostprocessError(f"top_k must be >= 1, got {top_k!r}")
-    if candidates_per_image is None:
-        candidates_per_image = 2 * top_k
+    # `not lo <= x <= hi` rather than `x < lo or x > hi`: NaN must fail too (a NaN max_overlap turns NMS off).
+    for name, value in (("min_score", min_score), ("max_overlap", max_overlap)):
+        if not (isinstance(value, numbers.Real) and 0.0 <= value <= 1.0):
+            raise PostprocessError(f"{name} must be a number in [0, 1], got {value!r}")
+    top_k = _count("top_k", top_k)
+    candidates_per_image = 2 * top_k if candidates_per_image is None else _count("candidates_per_image",
+                                                                                 candidates_per_image)
     if candidates_per_image < top_k:
         raise PostprocessError(f"candidates_per_image must be >= top_k={top_k}, got {candidates_per_image!r}")
-    if box_voting_iou is not None and not 0.0 < box_voting_iou <= 1.0:
+    if box_voting_iou is not None and not (isinstance(box_voting_iou, numbers.Real) and 0.0 < box_voting_iou <= 1.0):
         raise PostprocessError(f"box_voting_iou must be None or in (0, 1], got {box_voting_iou!r}")
 
     # NaN would pass the clamp as a box and drop out of every score comparison: say so instead.
@@ -106,6 +111,10 @@ def detect_objects(locs: Tensor, scores: Tensor, priors_cxcywh: Tensor, *, min_s
     scores = scores.float()
     class_scores = scores.softmax(dim=-1)[..., 1:] if activation == "softmax" else scores[..., 1:].sigmoid()
     boxes = decode_boxes(locs.float(), priors_cxcywh.float(), variances).clamp_(0.0, 1.0)  # (N, P, 4)
+    # A box that lies off the image is a line or a point once clipped: it can match no object, and its IoU
+    # with its copies is 0 / 0, so NMS would keep every one of them. Such priors are no candidates.
+    has_area = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])  # (N, P)
+    class_scores = class_scores * has_area[..., None]
     # (N, P * (C - 1)), pair index = prior * (C-1) + class; sizes given, as N may be 0
     pair_scores = class_scores.reshape(n_images, class_scores.shape[1] * class_scores.shape[2])
 
@@ -151,6 +160,17 @@ def detect_objects(locs: Tensor, scores: Tensor, priors_cxcywh: Tensor, *, min_s
         kept_boxes = vote_boxes(boxes, class_scores, image_idx, prior_idx, class_idx, min_score, box_voting_iou)
     split = zip(kept_boxes.split(counts), (class_idx + 1).split(counts), pair_score[keep].split(counts), strict=True)
     return [Detections(boxes=b, labels=lab, scores=s) for b, lab, s in split]
+
+
+def _count(name: str, value: object) -> int:
+    """``value`` as an int >= 1, or a PostprocessError naming the parameter."""
+    try:
+        count = operator.index(value)  # ints, numpy ints; not floats or bools' look-alikes such as 2.0
+    except TypeError:
+        count = None
+    if count is None or isinstance(value, bool) or count < 1:
+        raise PostprocessError(f"{name} must be an integer >= 1, got {value!r}")
+    return count
 
 
 def vote_boxes(boxes: Tensor, class_scores: Tensor, image_idx: Tensor, prior_idx: Tensor, class_idx: Tensor,
