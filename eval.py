@@ -19,7 +19,13 @@ from data.dataset import DetectionDataset
 from data.transforms import build_eval_transform
 from model.loss import score_activation_for
 from utils.atomic_file import atomic_file
-from utils.builders import checkpoint_config, detector_from_checkpoint, load_split_records, prepare_synthetic
+from utils.builders import (
+    checkpoint_config,
+    detector_from_checkpoint,
+    load_split_records,
+    prepare_synthetic,
+    settings_the_checkpoint_decides,
+)
 from utils.checkpoint import INFERENCE_KEYS, load_checkpoint
 from utils.config import load_config
 from utils.distributed import DistributedContext
@@ -122,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
                 device = resolve_device(args.device, "--device")
             checkpoint = load_checkpoint(args.checkpoint, map_location="cpu", require=INFERENCE_KEYS)
             detector = detector_from_checkpoint(checkpoint, args.checkpoint, class_names).to(device)
+            saved = checkpoint_config(checkpoint, args.checkpoint)
+            unused = settings_the_checkpoint_decides(cfg, saved)
+            if unused:
+                logger.warning(
+                    "the model is rebuilt as %s was trained, so these settings of --config and the overrides are "
+                    "not used: %s", args.checkpoint, ", ".join(unused)
+                )
             default_dir = Path(args.checkpoint).parent / "eval"
             output_dir = prepare_output_dir(Path(args.output_dir or default_dir), output_flag)
             channels_last = cfg.train.channels_last
@@ -135,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 amp_dtype=resolve_amp_dtype(cfg.train.amp, device), channels_last=channels_last,
                 min_score=cfg.eval.min_score, max_overlap=cfg.eval.max_overlap, top_k=cfg.eval.top_k,
                 context=DistributedContext(),
-                activation=score_activation_for(checkpoint_config(checkpoint, args.checkpoint).loss.classification),
+                activation=score_activation_for(saved.loss.classification),
                 box_voting_iou=cfg.eval.box_voting_iou,
             )  # fmt: skip
             extra = {"checkpoint": str(args.checkpoint), "epoch": checkpoint.get("epoch")}

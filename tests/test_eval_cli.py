@@ -62,6 +62,22 @@ def test_results_dir_evaluation_equals_in_memory(trained, tmp_path, capsys):
     assert from_files["classes"] == from_model["classes"]
 
 
+def test_model_settings_the_checkpoint_overrides_are_named(trained, tmp_path, capfd):
+    out = tmp_path / "eval"
+    assert eval_module.main(["--config", DEMO, "--checkpoint", str(trained["best"]), "--output-dir", str(out),
+                             "--no-coco", *trained["overrides"]]) == 0  # fmt: skip
+    assert "not used" not in capfd.readouterr().err  # the training config: nothing to say
+    baseline = json.loads((out / "metrics.json").read_text())["voc07_map"]
+    assert eval_module.main(["--config", DEMO, "--checkpoint", str(trained["best"]), "--output-dir", str(out),
+                             "--no-coco", *trained["overrides"], "model.image_size=96", "model.scales=[0.3,0.5]",
+                             "loss.classification=focal_sigmoid"]) == 0  # fmt: skip
+    err = capfd.readouterr().err
+    assert ("these settings of --config and the overrides are not used: model.image_size=96 (checkpoint: 64), "
+            "model.scales=[0.3, 0.5] (checkpoint: [0.2, 0.4, 0.6]), loss.classification='focal_sigmoid' "
+            "(checkpoint: 'hard_negative')") in err
+    assert json.loads((out / "metrics.json").read_text())["voc07_map"] == baseline
+
+
 def test_bad_inputs_give_clear_messages(trained, tmp_path, capfd):
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"\x00not a checkpoint")

@@ -5,6 +5,7 @@ Each function takes one config section (not the whole config) and calls the cons
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -187,6 +188,17 @@ def checkpoint_config(checkpoint: dict, path: str | Path) -> Config:
         return config_from_dict(checkpoint["config"])
     except ConfigError as error:
         raise CheckpointError(f"checkpoint {path}: its saved config cannot be read: {error}") from None
+
+
+def settings_the_checkpoint_decides(cfg: Config, saved: Config) -> list[str]:
+    """The settings of ``cfg`` that a script rebuilding the model from a checkpoint does not use because the
+    checkpoint's config ``saved`` differs: ``model.*`` (the architecture, priors included) and
+    ``loss.classification`` (how the logits become scores). As ``"key=value (checkpoint: value)"``."""
+    given, trained = dataclasses.asdict(cfg.model), dataclasses.asdict(saved.model)
+    pairs = {f"model.{key}": (value, trained[key]) for key, value in given.items()
+             if key not in ("pretrained", "weights_path")}  # the checkpoint holds every weight
+    pairs["loss.classification"] = (cfg.loss.classification, saved.loss.classification)
+    return [f"{key}={value!r} (checkpoint: {other!r})" for key, (value, other) in pairs.items() if value != other]
 
 
 def detector_from_checkpoint(checkpoint: dict, path: str | Path, class_names: list[str] | None = None) -> TinyDetector:
