@@ -91,14 +91,24 @@ def _flag(elem: ET.Element, tag: str, xml_path: Path, where: str) -> bool:
     raise AnnotationError(f"{xml_path}: {where} <{tag}> must be 0 or 1, got {child.text.strip()!r}")
 
 
-def _resolve_image(images_dir: Path, filename: str | None, image_id: str) -> Path | None:
-    """The image file for an annotation: its <filename> in images_dir, else <image_id><ext>."""
-    if filename:
-        p = images_dir / filename
-        if p.is_file():
-            return p
+def _resolve_image(images_dir: Path, filename: str | None, image_id: str, xml_path: Path,
+                   stats: LoadStats) -> Path | None:
+    """The image file of an annotation: ``<image_id><ext>`` in images_dir, as the devkit pairs them, else the
+    XML's <filename> there (annotations named apart from their images).
+
+    The file name comes first because a <filename> goes stale when images and annotations are renamed
+    together, and may then name another image of the set; that case is warned about.
+    """
     for ext in IMAGE_EXTENSIONS:
         p = images_dir / f"{image_id}{ext}"
+        if p.is_file():
+            if filename and filename != p.name and (images_dir / filename).is_file():
+                stats.note(logger, logging.WARNING,
+                           f"{xml_path}: <filename> {filename!r} names another image than the annotation's own "
+                           f"{p.name}; using {p.name}")
+            return p
+    if filename:
+        p = images_dir / filename
         if p.is_file():
             return p
     return None
@@ -137,7 +147,7 @@ def _parse(
 
     if image_path is None:
         filename = root.findtext("filename")
-        image_path = _resolve_image(images_dir, filename.strip() if filename else None, image_id)
+        image_path = _resolve_image(images_dir, filename.strip() if filename else None, image_id, xml_path, stats)
         if image_path is None:
             raise ImageReadError(
                 f"{xml_path}: image not found in {images_dir} (filename {filename!r}, id {image_id!r})"
@@ -240,7 +250,7 @@ def parse_voc_xml(
         class_names: object classes in label order (label i+1 = class_names[i]).
         ignore_unknown: skip objects whose class is not in class_names instead of raising.
         images_dir: where the image lives (default: `<xml dir>/../JPEGImages`); the image is the XML's
-            <filename> there, else `<image_id>.<jpg|jpeg|png|bmp>`.
+            `<image_id>.<jpg|jpeg|png|bmp>` there, else the XML's <filename>.
         image_id: record id (default: the XML file stem).
         stats: LoadStats updated with what was read, dropped and clipped.
 
@@ -316,6 +326,7 @@ def _load_entries(
     def build() -> tuple[list[ImageRecord], LoadStats, str]:
         stats = LoadStats()
         records = []
+        first_annotation: dict[Path, Path] = {}  # image -> the annotation that claimed it
         for image_id, xml_path, images_dir, image_path in entries:
             stats.images_read += 1
             file_stats = LoadStats()
@@ -327,6 +338,15 @@ def _load_entries(
                     raise
                 stats.images_skipped += 1
                 stats.note(logger, logging.WARNING, f"skipped: {exc}")
+                continue
+            annotated_by = first_annotation.setdefault(rec.image_path, xml_path)
+            if annotated_by != xml_path:
+                message = (f"{annotated_by} and {xml_path} both annotate image {rec.image_path}: its objects "
+                           "would count twice; remove one of the two annotations")
+                if on_error == "raise":
+                    raise AnnotationError(message)
+                stats.images_skipped += 1
+                stats.note(logger, logging.WARNING, f"skipped: {message}")
                 continue
             stats.merge(file_stats)
             stats.images_kept += 1
@@ -366,7 +386,8 @@ def load_vocdevkit(
     cache_dir: str | Path | None = _USE_DEFAULT_CACHE,  # type: ignore[assignment]
 ) -> RecordList:
     """Read a VOCdevkit tree: for each (folder, split) in `sets`, the ids of
-    `root/<folder>/ImageSets/Main/<split>.txt`, their `Annotations/<id>.xml` and `JPEGImages/<id>.jpg`.
+    `root/<folder>/ImageSets/Main/<split>.txt`, their `Annotations/<id>.xml` and `JPEGImages/<id>.jpg`
+    (or another image extension, or the XML's <filename>, as for `load_image_folder`).
 
     Example: `load_vocdevkit("VOCdevkit", [("VOC2007", "trainval"), ("VOC2012", "trainval")])`.
 
@@ -402,9 +423,7 @@ def load_vocdevkit(
                     "image ids must be unique over all sets"
                 )
             seen[image_id] = (folder, split)
-            images_dir = base / "JPEGImages"
-            entries.append((image_id, base / "Annotations" / f"{image_id}.xml", images_dir,
-                            images_dir / f"{image_id}.jpg"))
+            entries.append((image_id, base / "Annotations" / f"{image_id}.xml", base / "JPEGImages", None))
     return _load_entries(
         entries, class_names, ignore_unknown, on_error, cache_dir,
         name=_cache_name("voc", str(root.resolve()), [tuple(s) for s in sets]),
@@ -451,7 +470,8 @@ def load_image_folder(
     With `split_file`, the ids listed there (one per line; `<id>.xml` must exist). Without it, every
     `*.xml` in annotations_dir (sorted by name), split by `split_ids(ids, split, val_fraction, seed)`:
     split "train", "val" (= "test": the held-out part) or "all"; `test_fraction`, when given, is the
-    same setting as `val_fraction` under the name evaluation configs use. Each XML's image is its <filename> in images_dir, else `<id>.<ext>`.
+    same setting as `val_fraction` under the name evaluation configs use. Each XML's image is `<id>.<ext>` in
+    images_dir, else the file its <filename> names there.
     Same checks, options and output as `load_vocdevkit`.
     """
     images_dir, annotations_dir = Path(images_dir), Path(annotations_dir)

@@ -258,3 +258,40 @@ def test_an_empty_split_is_an_error(tmp_path):
     # round(0.2 * 2) = 0 held-out images
     with pytest.raises(DataError, match=r"the 'test' part of a random split of 2 annotation files with data.test_fraction=0.2 is empty"):
         load_image_folder(images, annotations, ["cat"], split="test", val_fraction=0.2, cache_dir=None)
+
+
+def test_an_annotation_pairs_with_the_image_of_its_own_name_before_its_filename(tmp_path, caplog):
+    # Images and annotations renamed together by a script: a.xml still says <filename>b.jpg</filename>.
+    images, annotations = labelimg_folder(tmp_path, {"a": (40, 30, [("cat", (1, 1, 10, 10), 0)]),
+                                                     "b": (40, 30, [("cat", (5, 5, 20, 20), 0)])})
+    write_voc_xml(annotations / "a.xml", "b.jpg", 40, 30, [("cat", (1, 1, 10, 10), 0)])
+    with caplog.at_level(logging.WARNING):
+        records = by_id(load_image_folder(images, annotations, ["cat"], cache_dir=None))
+    assert records["a"].image_path == images / "a.jpg" and records["b"].image_path == images / "b.jpg"
+    assert "a.xml: <filename> 'b.jpg' names another image than the annotation's own a.jpg" in caplog.text
+    # An annotation named apart from its image still finds it through <filename>.
+    write_voc_xml(annotations / "photo-a.xml", "a.jpg", 40, 30, [("cat", (1, 1, 10, 10), 0)])
+    (annotations / "a.xml").unlink()
+    records = by_id(load_image_folder(images, annotations, ["cat"], cache_dir=None))
+    assert records["photo-a"].image_path == images / "a.jpg"
+
+
+def test_two_annotations_of_one_image_are_an_error(tmp_path, caplog):
+    images, annotations = labelimg_folder(tmp_path, {"a": (40, 30, [("cat", (1, 1, 10, 10), 0)])})
+    write_voc_xml(annotations / "a copy.xml", "a.jpg", 40, 30, [("cat", (1, 1, 10, 10), 0)])
+    with pytest.raises(AnnotationError, match=r"a\.xml and .*a copy\.xml both annotate image .*a\.jpg"):
+        load_image_folder(images, annotations, ["cat"], cache_dir=None)
+    with caplog.at_level(logging.WARNING):
+        records = load_image_folder(images, annotations, ["cat"], cache_dir=None, on_error="skip")
+    assert [r.image_id for r in records] == ["a"] and records.stats.images_skipped == 1
+
+
+@pytest.mark.parametrize("name", ["000001.png", "000001.JPG", "000001.jpeg"])
+def test_a_vocdevkit_tree_takes_other_image_extensions(tmp_path, name):
+    base = tmp_path / "VOCdevkit" / "VOC2007"
+    write_jpeg(base / "JPEGImages" / name, 50, 40)
+    write_voc_xml(base / "Annotations" / "000001.xml", "000001.jpg", 50, 40, [("cat", (1, 2, 20, 30), 0)])
+    (base / "ImageSets" / "Main").mkdir(parents=True)
+    (base / "ImageSets" / "Main" / "test.txt").write_text("000001\n")
+    records = load_vocdevkit(tmp_path / "VOCdevkit", ("VOC2007", "test"), cache_dir=None)
+    assert records[0].image_path == base / "JPEGImages" / name and records[0].boxes.tolist() == [[0, 1, 20, 30]]
