@@ -432,9 +432,14 @@ def load_vocdevkit(
 
 
 def split_ids(ids: Sequence[str], split: str, val_fraction: float, seed: int) -> list[str]:
-    """Seeded split of ids (kept in their given order): a permutation by `seed` puts
-    round(val_fraction * n) ids in the held-out part ("val", also called "test"), the rest in "train";
-    "all" returns every id. The two parts never overlap and together give every id."""
+    """Seeded split of ids (kept in their given order) into a held-out part ("val", also called "test") and
+    "train"; "all" returns every id. The two parts never overlap and together give every id.
+
+    Each id is held out on its own: when a hash of (seed, id), read as a number in [0, 1), is below
+    `val_fraction`. So adding or removing files never moves another image between the parts (a permutation
+    of the whole list would move many: training images would land in the test part of a later run), and
+    the held-out part is `val_fraction` of the ids on average, not exactly.
+    """
     if split not in ("train", "val", "test", "all"):
         raise DataError(
             f"split must be 'train', 'val' (= 'test') or 'all' when no split file is given, got {split!r}"
@@ -443,12 +448,14 @@ def split_ids(ids: Sequence[str], split: str, val_fraction: float, seed: int) ->
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if split == "all":
         return list(ids)
-    n_val = int(round(val_fraction * len(ids)))
-    order = np.random.default_rng(seed).permutation(len(ids))
-    in_val = np.zeros(len(ids), dtype=bool)
-    in_val[order[:n_val]] = True
     want_val = split != "train"
-    return [i for i, v in zip(ids, in_val, strict=True) if v == want_val]
+    return [i for i in ids if (_unit_hash(seed, i) < val_fraction) == want_val]
+
+
+def _unit_hash(seed: int, image_id: str) -> float:
+    """A number in [0, 1) fixed by (seed, id), the same on every machine and Python version."""
+    digest = hashlib.sha256(f"{seed}\0{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 def load_image_folder(
@@ -498,7 +505,8 @@ def load_image_folder(
         if not ids:
             raise DataError(
                 f"{annotations_dir}: the {split!r} part of a random split of {len(all_ids)} annotation files "
-                f"with data.test_fraction={val_fraction} is empty; change the fraction or give split files"
+                f"with data.test_fraction={val_fraction} and data.split_seed={seed} is empty; change the "
+                "fraction or the seed, or give split files"
             )
     entries = [(i, annotations_dir / f"{i}.xml", images_dir, None) for i in ids]
     return _load_entries(

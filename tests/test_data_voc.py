@@ -148,7 +148,7 @@ def test_seeded_split_without_lists_is_disjoint_and_deterministic():
     args = (RACCOON / "images", RACCOON / "annotations", ["raccoon"])
     train = [r.image_id for r in load_image_folder(*args, split="train", val_fraction=0.25, seed=3, cache_dir=None)]
     val = [r.image_id for r in load_image_folder(*args, split="val", val_fraction=0.25, seed=3, cache_dir=None)]
-    assert len(val) == 2 and len(train) == 6
+    assert len(val) == 3 and len(train) == 5  # a quarter of 8 on average; 3 for this seed
     assert not set(train) & set(val)
     assert sorted(train + val) == sorted(p.stem for p in (RACCOON / "annotations").glob("*.xml"))
     again = [r.image_id for r in load_image_folder(*args, split="test", test_fraction=0.25, seed=3, cache_dir=None)]
@@ -157,6 +157,19 @@ def test_seeded_split_without_lists_is_disjoint_and_deterministic():
     assert len(others) > 1  # the seed matters
     with pytest.raises(DataError, match="split"):
         load_image_folder(*args, split="holdout", cache_dir=None)
+
+
+def test_a_random_split_keeps_every_image_in_its_part_when_files_are_added_or_removed():
+    ids = [f"img{i:05d}" for i in range(4000)]
+    held_out = split_ids(ids, "test", 0.2, seed=7)
+    assert abs(len(held_out) / len(ids) - 0.2) < 0.02  # the fraction on average
+    grown = split_ids(ids + [f"new{i}" for i in range(500)], "test", 0.2, seed=7)
+    assert [i for i in grown if i.startswith("img")] == held_out  # no image moved between the parts
+    assert split_ids(ids[::3], "test", 0.2, seed=7) == [i for i in held_out if i in set(ids[::3])]
+    # the same ids in any order or position: each id's part depends on the id and the seed only
+    assert sorted(split_ids(ids[::-1], "test", 0.2, seed=7)) == sorted(held_out)
+    assert split_ids(ids, "test", 0.2, seed=8) != held_out
+    assert split_ids(["raccoon-1", "raccoon-3"], "test", 0.25, seed=3) == ["raccoon-3"]  # fixed across versions
 
 
 def test_degenerate_and_outside_boxes_are_dropped_or_clipped_and_counted(tmp_path, caplog):
@@ -255,8 +268,10 @@ def test_an_empty_split_is_an_error(tmp_path):
     with pytest.raises(SplitFileError, match=r"test\.txt: lists no image id"):
         read_split_file(split)
     images, annotations = labelimg_folder(tmp_path / "d", {"a": (20, 20, []), "b": (20, 20, [])})
-    # round(0.2 * 2) = 0 held-out images
-    with pytest.raises(DataError, match=r"the 'test' part of a random split of 2 annotation files with data.test_fraction=0.2 is empty"):
+    # neither of the two ids hashes below 0.2 with seed 0
+    with pytest.raises(DataError, match=r"the 'test' part of a random split of 2 annotation files with "
+                                        r"data.test_fraction=0.2 and data.split_seed=0 is empty; change the "
+                                        r"fraction or the seed"):
         load_image_folder(images, annotations, ["cat"], split="test", val_fraction=0.2, cache_dir=None)
 
 
