@@ -26,7 +26,7 @@ from utils.builders import (
     prepare_synthetic,
     settings_the_checkpoint_decides,
 )
-from utils.checkpoint import INFERENCE_KEYS, load_checkpoint
+from utils.checkpoint import INFERENCE_KEYS, load_checkpoint, trained_ids_among
 from utils.config import load_config
 from utils.distributed import DistributedContext
 from utils.engine import resolve_amp_dtype, resolve_device, run_inference
@@ -128,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
                 device = resolve_device(args.device, "--device")
             checkpoint = load_checkpoint(args.checkpoint, map_location="cpu", require=INFERENCE_KEYS)
             detector = detector_from_checkpoint(checkpoint, args.checkpoint, class_names).to(device)
+            trained = trained_ids_among(checkpoint, [r.image_id for r in records])
+            if trained:
+                logger.warning(
+                    "%d of the %d test images were training images of %s (first: %s): their mAP is not a test "
+                    "of the model", len(trained), len(records), args.checkpoint, trained[0]
+                )
             saved = checkpoint_config(checkpoint, args.checkpoint)
             unused = settings_the_checkpoint_decides(cfg, saved)
             if unused:

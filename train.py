@@ -44,6 +44,9 @@ from utils.checkpoint import (
     collect_rng_states,
     load_checkpoint,
     restore_rng_states,
+    split_changes,
+    split_ids_of,
+    trained_ids_among,
 )
 from utils.config import (
     Config,
@@ -194,6 +197,26 @@ def warn_shared_images(train_records: list, test_records: list) -> None:
         )
 
 
+def warn_changed_splits(checkpoint: dict[str, Any], data_ids: dict[str, list[str]], resume: str | Path) -> None:
+    """Warn when a resumed run's data are not those it trained and evaluated on so far (files added, removed
+    or renamed): the resume is then not exact, and test images it trained on make its mAP a test of memory.
+    Adds to `data_ids` the images trained on so far that its training split no longer holds."""
+    saved = checkpoint.get("data_ids")
+    if not isinstance(saved, dict):  # written before checkpoints listed their splits
+        return
+    changes = split_changes(saved, data_ids)
+    if changes:
+        logger.warning("%s: %s; the resumed run does not continue the same training (nor best.pt's selection) "
+                       "exactly", resume, "; ".join(changes))
+    trained = trained_ids_among(checkpoint, data_ids["test"])
+    if trained:
+        logger.warning("%d of the %d test images were training images of this run before the resume (first: %s): "
+                       "their mAP is not a test of the model", len(trained), len(data_ids["test"]), trained[0])
+    # What the run trained on stays listed, so that eval.py can still tell its test images from them.
+    earlier = set(saved.get("train", [])) | set(saved.get("trained_earlier", []))
+    data_ids["trained_earlier"] = sorted(earlier - set(data_ids["train"]))
+
+
 def config_for_resume(checkpoint_path: str | Path, overrides: list[str],
                       checkpoint: dict[str, Any] | None = None) -> Config:
     """The config of the run a checkpoint continues, with the overrides a resumed run may take.
@@ -240,9 +263,11 @@ def checkpoint_state(
     best_map: float,
     last_map: float | None,
     world_size: int = 1,
+    data_ids: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """`epoch` is the 0-based epoch in progress and `batches_done` how many of its batches are done, by
-    each of the `world_size` processes."""
+    each of the `world_size` processes. `data_ids`: the splits' image ids (`split_ids_of`), which a resume
+    and eval.py compare with theirs."""
     detector = model.module if isinstance(model, DistributedDataParallel) else model
     detector = getattr(detector, "_orig_mod", detector)  # torch.compile wrapper
     return {
@@ -260,6 +285,7 @@ def checkpoint_state(
         "world_size": world_size,
         "config": config_to_dict(cfg),
         "class_names": list(cfg.data.classes),
+        "data_ids": data_ids,
     }
 
 
@@ -341,6 +367,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
     check_countable_boxes(test_records, "test split")
     check_trainable_boxes(train_dataset.records, cfg.data.train_use_difficult)
     warn_shared_images(train_dataset.records, test_records)
+    data_ids = split_ids_of(train_dataset.records, test_records)
     class_names = list(cfg.data.classes)
 
     # A resumed run takes every weight from its checkpoint: the ImageNet weights it started from are not
@@ -417,6 +444,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
                 raise CheckpointError(f"{resume} holds no EMA weights but train.ema_decay is set")
             ema.load_state_dict(checkpoint["ema"])
         restore_rng_states(checkpoint["rng"])
+        warn_changed_splits(checkpoint, data_ids, resume)
         start_epoch = checkpoint["epoch"]
         skip_batches = checkpoint["batches_done"]
         global_step = checkpoint["global_step"]
@@ -487,7 +515,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
                 checkpoint_state(
                     model, optimizer, scheduler, scaler, ema, cfg,
                     epoch=state["epoch"], batches_done=state["batches_done"], global_step=state["global_step"],
-                    best_map=best_map, last_map=last_map, world_size=context.world_size,
+                    best_map=best_map, last_map=last_map, world_size=context.world_size, data_ids=data_ids,
                 ),
                 run_dir / name,
             )  # fmt: skip

@@ -13,6 +13,8 @@ from utils.checkpoint import (
     collect_rng_states,
     load_checkpoint,
     restore_rng_states,
+    split_changes,
+    trained_ids_among,
 )
 
 
@@ -104,3 +106,19 @@ def test_missing_entries_are_named(tmp_path):
         load_checkpoint(path, require=checkpoint_module.INFERENCE_KEYS)
     with pytest.raises(CheckpointError, match=r"lacks \['class_names', 'optimizer'.*without the state to resume"):
         load_checkpoint(path, require=checkpoint_module.TRAINING_KEYS)
+
+
+def test_split_changes_name_what_was_added_removed_or_reordered():
+    saved = {"train": ["a", "b", "c"], "test": ["x", "y"], "trained_earlier": []}
+    assert split_changes(saved, {"train": ["a", "b", "c"], "test": ["x", "y"]}) == []
+    assert split_changes(saved, {"train": ["c", "b", "a"], "test": ["x", "y"]}) == [
+        "the training split lists its 3 images in another order"]
+    assert split_changes(saved, {"train": ["a", "d", "e"], "test": ["y"]}) == [
+        "the training split has 2 image(s) more (first: d) and 2 fewer (first: b) than when the run started",
+        "the test split has 1 fewer (first: x) than when the run started"]
+
+
+def test_trained_ids_among_counts_images_trained_before_a_resume():
+    checkpoint = {"data_ids": {"train": ["a", "b"], "test": ["x"], "trained_earlier": ["c"]}}
+    assert trained_ids_among(checkpoint, ["x", "c", "b", "z"]) == ["c", "b"]
+    assert trained_ids_among({"model": {}}, ["a"]) == []  # a checkpoint that does not list its splits

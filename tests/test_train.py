@@ -735,3 +735,28 @@ def test_compile_on_a_cpu_without_a_cpp_compiler_is_refused_before_training(tmp_
                                           r"\(.*no-such-g\+\+.*\); install one .* or set train.compile=false"):
         train_module.train(cfg, show_progress=False)
     assert not (tmp_path / "runs" / "nocxx").exists()
+
+
+def test_checkpoints_list_their_splits_and_a_resume_or_eval_on_other_data_is_warned_about(tmp_path, capfd):
+    cfg = tiny_config(tmp_path, name="splits", epochs=1)
+    train_module.train(cfg, show_progress=False)
+    last = os.path.join(run_dir(cfg), "last.pt")
+    checkpoint = load_checkpoint(last)
+    main = tmp_path / "shapes" / "VOCdevkit" / "SHAPES" / "ImageSets" / "Main"
+    trainval, test = (main / "trainval.txt").read_text().split(), (main / "test.txt").read_text().split()
+    assert checkpoint["data_ids"] == {"train": trainval, "test": test, "trained_earlier": []}
+
+    # The first training image moved into the test split by hand, as when files are renamed or re-split.
+    (main / "trainval.txt").write_text("\n".join(trainval[1:]) + "\n")
+    (main / "test.txt").write_text("\n".join([*test, trainval[0]]) + "\n")
+    capfd.readouterr()
+    train_module.train(tiny_config(tmp_path, name="splits", epochs=2), resume=last, show_progress=False)
+    err = capfd.readouterr().err
+    assert (f"the training split has 1 fewer (first: {trainval[0]}) than when the run started; the test split has "
+            f"1 image(s) more (first: {trainval[0]}) than when the run started") in err
+    assert f"1 of the 7 test images were training images of this run before the resume (first: {trainval[0]})" \
+        in err
+    assert load_checkpoint(last)["data_ids"]["trained_earlier"] == [trainval[0]]  # still known as trained on
+    assert eval_module.main(["--config", str(REPO / "configs" / "demo.yaml"), "--checkpoint", last, "--no-coco",
+                             *tiny_overrides(tmp_path, name="splits")]) == 0
+    assert f"1 of the 7 test images were training images of {last} (first: {trainval[0]})" in capfd.readouterr().err

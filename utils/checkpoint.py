@@ -38,6 +38,43 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+def split_ids_of(train_records: list, test_records: list) -> dict[str, list[str]]:
+    """The image ids of a run's training and test splits, in order, as train.py stores them in checkpoints;
+    ``trained_earlier``: images the run trained on before a resume that are no longer in its training split."""
+    return {"train": [r.image_id for r in train_records], "test": [r.image_id for r in test_records],
+            "trained_earlier": []}
+
+
+def split_changes(saved: dict[str, list[str]], current: dict[str, list[str]]) -> list[str]:
+    """How the splits a checkpoint was trained with (``saved``) differ from ``current``, a sentence per
+    changed split; empty when both are the same lists."""
+    changes = []
+    for part, name in (("train", "training"), ("test", "test")):
+        before, now = saved.get(part, []), current[part]
+        if before == now:
+            continue
+        before_set, now_set = set(before), set(now)
+        added = [i for i in now if i not in before_set]
+        gone = [i for i in before if i not in now_set]
+        if not added and not gone:
+            changes.append(f"the {name} split lists its {len(now)} images in another order")
+            continue
+        parts = [f"{len(added)} image(s) more (first: {added[0]})" if added else "",
+                 f"{len(gone)} fewer (first: {gone[0]})" if gone else ""]
+        changes.append(f"the {name} split has {' and '.join(p for p in parts if p)} than when the run started")
+    return changes
+
+
+def trained_ids_among(checkpoint: dict[str, Any], ids: list[str]) -> list[str]:
+    """The ids of ``ids`` (a test split's) that the checkpoint's run trained on; none for a checkpoint that
+    does not list its splits."""
+    saved = checkpoint.get("data_ids")
+    if not isinstance(saved, dict):
+        return []
+    trained = set(saved.get("train", [])) | set(saved.get("trained_earlier", []))
+    return [i for i in ids if i in trained]
+
+
 # What train.py writes; eval.py and detect.py need only the first three.
 INFERENCE_KEYS = ("model", "config", "class_names")
 TRAINING_KEYS = (*INFERENCE_KEYS, "optimizer", "scheduler", "scaler", "ema", "epoch", "batches_done",
