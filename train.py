@@ -549,6 +549,20 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
         )
         return broadcast_object(result.voc.voc07_map, context)
 
+    def save_unevaluated_epoch(epoch: int, finished: int, error: Exception) -> None:
+        # An evaluation that fails (a test image that cannot be read, memory) would otherwise lose the epoch
+        # it evaluates, and every epoch since the last evaluation: the trained weights are saved on the
+        # epoch's last step, which a resume evaluates first once the cause is fixed.
+        state["epoch"], state["batches_done"] = epoch, steps_per_epoch
+        try:
+            save("last.pt")
+        except Exception as save_error:  # the evaluation's error is the one to report
+            logger.error("epoch %d's evaluation failed and last.pt could not be saved either: %s", finished,
+                         describe_error(save_error))
+            return
+        logger.error("epoch %d's evaluation failed (%s); last.pt holds the trained epoch, and --resume %s "
+                     "evaluates it first", finished, describe_error(error), run_dir / "last.pt")
+
     def reached_stop_map() -> bool:
         return cfg.train.stop_at_map is not None and last_map is not None and last_map >= cfg.train.stop_at_map
 
@@ -589,6 +603,8 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
                     # A SIGTERM to the whole job also kills the evaluation's loader workers. The checkpoint
                     # then ends on the epoch's last step, and the resumed run evaluates the epoch first.
                     if not stop_signalled():
+                        if context.world_size == 1:  # a save's collectives would wait for the other ranks
+                            save_unevaluated_epoch(epoch, finished, error)
                         raise
                     logger.warning("epoch %d's evaluation failed after the stop request (%s); a resume evaluates it",
                                    finished, describe_error(error))

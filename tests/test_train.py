@@ -760,3 +760,27 @@ def test_checkpoints_list_their_splits_and_a_resume_or_eval_on_other_data_is_war
     assert eval_module.main(["--config", str(REPO / "configs" / "demo.yaml"), "--checkpoint", last, "--no-coco",
                              *tiny_overrides(tmp_path, name="splits")]) == 0
     assert f"1 of the 7 test images were training images of {last} (first: {trainval[0]})" in capfd.readouterr().err
+
+
+def test_a_failed_evaluation_keeps_the_trained_epoch_and_the_resume_evaluates_it(tmp_path, monkeypatch, capfd):
+    cfg = tiny_config(tmp_path, name="evalfail", epochs=2)
+    real_inference, calls = train_module.run_inference, {"n": 0}
+
+    def failing_second_time(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise DataError("test image 000013.jpg: cannot read it")
+        return real_inference(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "run_inference", failing_second_time)
+    with pytest.raises(DataError, match="000013.jpg"):
+        train_module.train(cfg, show_progress=False)
+    last = os.path.join(run_dir(cfg), "last.pt")
+    checkpoint = load_checkpoint(last)
+    assert (checkpoint["epoch"], checkpoint["batches_done"], checkpoint["global_step"]) == (1, 3, 6)
+    assert "epoch 2's evaluation failed (DataError: test image 000013.jpg: cannot read it); last.pt holds the " \
+           "trained epoch" in capfd.readouterr().err
+    monkeypatch.setattr(train_module, "run_inference", real_inference)
+    summary = train_module.train(tiny_config(tmp_path, name="evalfail", epochs=2), resume=last, show_progress=False)
+    assert summary["global_step"] == 6 and summary["last_voc07_map"] is not None
+    assert state_dicts_equal(load_checkpoint(last)["model"], uninterrupted_weights(tmp_path))
