@@ -34,7 +34,7 @@ from utils.errors import USER_ERRORS, user_message
 from utils.evaluation import EvaluationResult, check_countable_boxes, evaluate_detections
 from utils.output_dir import prepare_output_dir
 from utils.pr_curves import plot_pr_curves
-from utils.voc_results import read_voc_results, writable_image_id, write_voc_results
+from utils.voc_results import read_voc_results, writable_class_name, writable_image_id, write_voc_results
 
 logger = logging.getLogger("eval")
 
@@ -93,7 +93,15 @@ def report(result: EvaluationResult, output_dir: Path, extra: dict[str, Any]) ->
 
 
 def write_results_files(output_dir: Path, detections: list, class_names: list[str]) -> None:
-    """The devkit's per-class results files, unless an image id cannot be written in one (a warning says so)."""
+    """The devkit's per-class results files, unless a class name cannot name one or an image id cannot be
+    written in one (a warning says so)."""
+    unnamable = [name for name in class_names if not writable_class_name(name)]
+    if unnamable:
+        logger.warning(
+            "VOC results files not written: the class name %r cannot name a file (a path separator); the metrics "
+            "above cover every class", unnamable[0]
+        )
+        return
     unwritable = [d.image_id for d in detections if not writable_image_id(d.image_id)]
     if unwritable:
         logger.warning(

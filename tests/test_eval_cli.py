@@ -289,3 +289,11 @@ def test_eval_of_a_split_without_countable_boxes_is_named(trained, tmp_path, cap
     assert eval_module.main(["--config", DEMO, "--checkpoint", str(trained["best"]), "--output-dir",
                              str(tmp_path / "e"), *trained["overrides"]]) == 2  # fmt: skip
     assert "the test split has no box that counts for mAP" in capfd.readouterr().err
+
+
+def test_a_class_name_that_cannot_name_a_results_file_skips_the_files_with_a_warning(tmp_path, caplog):
+    # "/" is legal in an XML <name>, not in a file name; the metrics were printed before the files are written.
+    with caplog.at_level("WARNING"):
+        eval_module.write_results_files(tmp_path, [], ["raccoon", "rac/coon"])
+    assert list(tmp_path.iterdir()) == []
+    assert "VOC results files not written: the class name 'rac/coon' cannot name a file" in caplog.text

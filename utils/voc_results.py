@@ -40,13 +40,18 @@ def results_file_name(class_name: str) -> str:
     return f"comp4_det_test_{class_name}.txt"
 
 
+def writable_class_name(name: str) -> bool:
+    """Whether a class's results file can be named after it: spaces are fine in a file name (COCO has
+    "traffic light"); a path separator or NUL is not."""
+    return bool(name) and "/" not in name and os.sep not in name and "\0" not in name
+
+
 def _check_class_names(class_names: Sequence[str]) -> tuple[str, ...]:
     names = tuple(class_names)
     if not names:
         raise ResultsFormatError("class_names is empty")
     for name in names:
-        # Spaces are fine in a file name (COCO has "traffic light"); a separator or NUL is not.
-        if not name or "/" in name or os.sep in name or "\0" in name:
+        if not writable_class_name(name):
             raise ResultsFormatError(f"class name {name!r} cannot be used in a results file name")
     if len(set(names)) != len(names):
         raise ResultsFormatError(f"class names are not unique: {list(names)}")
