@@ -40,12 +40,16 @@ class TinyDetector(nn.Module):
         variances: box coding variances used by :meth:`detect_objects`.
         head_prior_prob: if set, the class logits' biases start at ``-log((1 - p) / p)`` (RetinaNet's
             prior-probability init, for focal losses) and the background bias at 0; else all biases are 0.
+        score_activation: how :meth:`detect_objects` turns the logits into class scores by default:
+            ``"softmax"``, or ``"sigmoid"`` for a model trained with the sigmoid focal loss (see
+            :func:`model.loss.score_activation_for`).
     """
 
     def __init__(self, n_classes: int, *, width_mult: float = 1.0, batch_norm: bool = False,
                  pretrained: bool = False, weights_path: str | Path | None = None, image_size: int = 224,
                  scales: Sequence[float] = (0.2, 0.4, 0.6), aspect_ratios: Sequence[float] = (1.0, 2.0, 0.5),
-                 variances: Sequence[float] = (0.1, 0.2), head_prior_prob: float | None = None) -> None:
+                 variances: Sequence[float] = (0.1, 0.2), head_prior_prob: float | None = None,
+                 score_activation: str = "softmax") -> None:
         super().__init__()
         if not isinstance(n_classes, int) or n_classes < 2:
             raise ModelConfigError(
@@ -62,8 +66,11 @@ class TinyDetector(nn.Module):
             raise ModelConfigError(f"variances must be two finite numbers > 0, got {variances!r}")
         if head_prior_prob is not None and not 0.0 < head_prior_prob < 1.0:
             raise ModelConfigError(f"head_prior_prob must be in (0, 1), got {head_prior_prob!r}")
+        if score_activation not in ("softmax", "sigmoid"):
+            raise ModelConfigError(f"score_activation must be 'softmax' or 'sigmoid', got {score_activation!r}")
 
         self.n_classes = n_classes
+        self.score_activation = score_activation
         self.image_size = image_size
         self.variances = (float(variances[0]), float(variances[1]))
         self.grid_size = grid_size_for(image_size)
@@ -123,9 +130,10 @@ class TinyDetector(nn.Module):
         return locs, scores
 
     def detect_objects(self, locs: Tensor, scores: Tensor, min_score: float = 0.01, max_overlap: float = 0.45,
-                       top_k: int = 200, activation: str = "softmax",
+                       top_k: int = 200, activation: str | None = None,
                        box_voting_iou: float | None = None) -> list[Detections]:
-        """Per-image detections from :meth:`forward`'s outputs (:func:`utils.postprocess.detect_objects`)."""
+        """Per-image detections from :meth:`forward`'s outputs (:func:`utils.postprocess.detect_objects`);
+        ``activation`` defaults to the model's ``score_activation``."""
         return detect_objects(locs, scores, self.priors_cxcywh, min_score=min_score, max_overlap=max_overlap,
-                              top_k=top_k, variances=self.variances, activation=activation,
+                              top_k=top_k, variances=self.variances, activation=activation or self.score_activation,
                               box_voting_iou=box_voting_iou)

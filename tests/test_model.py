@@ -12,6 +12,9 @@ from model.detector import ModelConfigError, TinyDetector
 from model.loss import MultiBoxLoss
 from model.priors import create_prior_boxes
 from model.vgg import WeightsError, build_vgg16_features, vgg16_channels
+from utils.builders import build_model
+from utils.config import load_config
+from utils.postprocess import detect_objects
 
 BOXES = [torch.tensor([[0.1, 0.2, 0.5, 0.7]]), torch.tensor([[0.3, 0.3, 0.9, 0.8], [0.0, 0.0, 0.2, 0.3]])]
 LABELS = [torch.tensor([3]), torch.tensor([1, 20])]
@@ -246,3 +249,24 @@ def test_a_cached_weights_file_is_loaded_without_running_its_code(tmp_path, monk
     cached.write_bytes(b"truncated download")
     with pytest.raises(WeightsError, match=r"vgg16-397923af\.pth \(\w+: .*\); delete that file to download it again"):
         TinyDetector(21, pretrained=True)
+
+
+@pytest.mark.parametrize(("classification", "activation"), [("hard_negative", "softmax"),
+                                                             ("focal_softmax", "softmax"), ("focal_sigmoid", "sigmoid")])
+def test_a_model_built_for_a_loss_reads_its_logits_as_that_loss_trained_them(classification, activation):
+    cfg = load_config(None, ["model.width_mult=0.0625", "model.pretrained=false", "model.image_size=64",
+                             f"loss.classification={classification}"])
+    model = build_model(cfg.model, 3, cfg.loss.classification).eval()
+    assert model.score_activation == activation
+    torch.manual_seed(0)
+    locs, scores = model(torch.randn(2, 3, 64, 64))
+    default = model.detect_objects(locs, scores, min_score=0.001)
+    explicit = detect_objects(locs, scores, model.priors_cxcywh, min_score=0.001, activation=activation)
+    other = detect_objects(locs, scores, model.priors_cxcywh, min_score=0.001,
+                           activation="sigmoid" if activation == "softmax" else "softmax")
+    for got, want in zip(default, explicit, strict=True):
+        assert torch.equal(got.boxes, want.boxes) and torch.equal(got.scores, want.scores)
+    assert any(len(a.scores) != len(b.scores) or not torch.equal(a.scores, b.scores)
+               for a, b in zip(default, other, strict=True))
+    with pytest.raises(ModelConfigError, match="score_activation"):
+        TinyDetector(3, width_mult=0.0625, image_size=64, score_activation="relu")

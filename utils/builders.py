@@ -19,7 +19,7 @@ from data.synthetic import SHAPES_CLASSES, generate_shapes_dataset
 from data.transforms import build_train_transform
 from data.voc import load_image_folder, load_vocdevkit
 from model.detector import TinyDetector
-from model.loss import MultiBoxLoss
+from model.loss import MultiBoxLoss, score_activation_for
 from utils.checkpoint import CheckpointError
 from utils.config import (
     AugmentConfig,
@@ -144,6 +144,7 @@ def build_model(model: ModelConfig, n_object_classes: int, classification: str =
         # Focal losses start from "everything is background" (p = 0.01) so the first steps are not
         # swamped by the loss of thousands of easy negatives.
         head_prior_prob=0.01 if classification.startswith("focal") else None,
+        score_activation=score_activation_for(classification),
     )
 
 
