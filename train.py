@@ -549,6 +549,22 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
         )
         return broadcast_object(result.voc.voc07_map, context)
 
+    def save_after_load_failure(error: BaseException) -> None:
+        # A batch that cannot be loaded (an unreadable image, an annotation whose size is wrong, a killed
+        # worker) ends the run between two steps: the state is the last step's, so last.pt can keep it and a
+        # resume goes on from there once the cause is fixed, without losing the steps since the last save.
+        if context.world_size != 1:  # a save's collectives would wait for the other ranks
+            return
+        try:
+            save("last.pt")
+        except Exception as save_error:  # the loading error is the one to report
+            logger.error("a batch could not be loaded and last.pt could not be saved either: %s",
+                         describe_error(save_error))
+            return
+        logger.error("the batch after step %d could not be loaded (%s); last.pt holds step %d, and --resume %s "
+                     "goes on from it once the cause is fixed", state["global_step"], describe_error(error),
+                     state["global_step"], run_dir / "last.pt")
+
     def save_unevaluated_epoch(epoch: int, finished: int, error: Exception) -> None:
         # An evaluation that fails (a test image that cannot be read, memory) would otherwise lose the epoch
         # it evaluates, and every epoch since the last evaluation: the trained weights are saved on the
@@ -585,7 +601,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
                 total_batches=steps_per_epoch - state["batches_done"], amp_dtype=amp_dtype,
                 channels_last=cfg.train.channels_last, grad_clip_norm=cfg.train.grad_clip_norm, context=context,
                 on_step=on_step, should_stop=stop_requested, show_progress=show_progress, ema=ema,
-                stop_signalled=stop_signalled,
+                stop_signalled=stop_signalled, on_load_failure=save_after_load_failure,
             )  # fmt: skip
             if interrupted:
                 save("last.pt")

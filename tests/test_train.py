@@ -16,7 +16,8 @@ import torch
 
 import eval as eval_module
 import train as train_module
-from data.errors import DataError
+from data.errors import DataError, ImageReadError
+from data.sampler import SeededSamples
 from tests.train_helpers import REPO, state_dicts_equal, tiny_config, tiny_overrides
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.config import ConfigError, load_config
@@ -783,4 +784,29 @@ def test_a_failed_evaluation_keeps_the_trained_epoch_and_the_resume_evaluates_it
     monkeypatch.setattr(train_module, "run_inference", real_inference)
     summary = train_module.train(tiny_config(tmp_path, name="evalfail", epochs=2), resume=last, show_progress=False)
     assert summary["global_step"] == 6 and summary["last_voc07_map"] is not None
+    assert state_dicts_equal(load_checkpoint(last)["model"], uninterrupted_weights(tmp_path))
+
+
+def test_a_batch_that_cannot_be_loaded_keeps_the_steps_before_it_and_the_resume_is_exact(tmp_path, monkeypatch,
+                                                                                          capfd):
+    cfg = tiny_config(tmp_path, name="loadfail", epochs=2)
+    real_getitem, calls = SeededSamples.__getitem__, {"n": 0}
+
+    def failing_19th_image(self, item):
+        calls["n"] += 1
+        if calls["n"] == 19:  # epoch 2's second batch (4 images a batch, 12 an epoch)
+            raise ImageReadError("raccoon-17.jpg: decoded size 720x540 differs from the annotated size 360x540")
+        return real_getitem(self, item)
+
+    monkeypatch.setattr(SeededSamples, "__getitem__", failing_19th_image)
+    with pytest.raises(ImageReadError, match="raccoon-17.jpg"):
+        train_module.train(cfg, show_progress=False)
+    last = os.path.join(run_dir(cfg), "last.pt")
+    checkpoint = load_checkpoint(last)
+    assert (checkpoint["epoch"], checkpoint["batches_done"], checkpoint["global_step"]) == (1, 1, 4)
+    assert "the batch after step 4 could not be loaded (ImageReadError: raccoon-17.jpg: decoded size" in \
+        capfd.readouterr().err
+    monkeypatch.setattr(SeededSamples, "__getitem__", real_getitem)
+    summary = train_module.train(tiny_config(tmp_path, name="loadfail", epochs=2), resume=last, show_progress=False)
+    assert summary["global_step"] == 6
     assert state_dicts_equal(load_checkpoint(last)["model"], uninterrupted_weights(tmp_path))

@@ -191,6 +191,7 @@ def train_one_epoch(
     show_progress: bool = True,
     ema: ModelEMA | None = None,
     stop_signalled: Callable[[], bool] | None = None,
+    on_load_failure: Callable[[BaseException], None] | None = None,
 ) -> tuple[int, bool]:
     """Run the optimizer over `loader` once; returns (global_step, stopped_early).
 
@@ -198,7 +199,8 @@ def train_one_epoch(
     each step so a signal handler can end the epoch at a step boundary with a consistent state.
     `stop_signalled` (one process only) tells whether a stop was requested: fetching the next batch may then
     fail, as a SIGTERM sent to the whole job kills the loader's workers too, and that failure ends the epoch
-    after the last step completed instead of the run.
+    after the last step completed instead of the run. `on_load_failure` sees any other failure to load a
+    batch before it is raised: the state is then the last completed step's, which a checkpoint can keep.
     """
     model.train()
     progress = tqdm(
@@ -217,6 +219,8 @@ def train_one_epoch(
             break
         except Exception as error:
             if stop_signalled is None or not stop_signalled():
+                if on_load_failure is not None:
+                    on_load_failure(error)
                 raise
             logger.warning("the next batch could not be loaded after the stop request (%s): stopping after step %d",
                            describe_error(error), global_step)
