@@ -1,7 +1,7 @@
 """COCO-format reader (instances JSON + images folder) via pycocotools.
 
-Category ids (any integers, possibly with gaps) map to contiguous labels 1..C-1 in ascending id order;
-`class_names` comes back in that order. COCO boxes [x, y, w, h] are already continuous pixel
+Categories map to the labels of a class list by name (label i + 1 is class i), or without one to
+contiguous labels 1..C-1 in ascending id order (any integers, possibly with gaps). COCO boxes [x, y, w, h] are already continuous pixel
 coordinates, so the 0-based continuous xyxy box is (x, y, x + w, y + h). `iscrowd` boxes are kept with
 difficult=True, like VOC's difficult objects. Images without annotations are kept. Record ids are the
 COCO image ids as strings.
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import AnnotationError, DataError, ImageReadError
+from data.errors import AnnotationError, DataError, ImageReadError, UnknownClassError
 from data.records import ImageRecord, LoadStats, RecordList
+from data.voc import check_class_names
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +103,20 @@ def _check_entries(dataset: dict, annotation_json: Path) -> None:
 def load_coco(
     images_dir: str | Path,
     annotation_json: str | Path,
+    class_names: list[str] | None = None,
     *,
+    ignore_unknown: bool = False,
     on_error: str = "raise",
 ) -> tuple[RecordList, list[str]]:
     """Read a COCO instances file. Returns (records with `.stats`, class_names in label order).
 
+    With `class_names`, label i + 1 is the category named `class_names[i]`, whatever its id; an annotation
+    of a category not listed raises UnknownClassError naming it, or with `ignore_unknown` is skipped and
+    counted (`stats.boxes_unknown`). Without, the labels follow the categories in ascending id order.
     Boxes with w <= 0 or h <= 0 are dropped and boxes reaching outside the image are clipped (both
     counted in `.stats` and logged with the file and annotation id). A missing image file raises
-    ImageReadError, or with on_error="skip" skips the image (counted in `stats.images_skipped`).
+    ImageReadError, or with on_error="skip" skips the image (counted in `stats.images_skipped`), and so
+    does a file that an earlier image entry names already (its boxes would be another image's).
     """
     if on_error not in ("raise", "skip"):
         raise DataError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -120,13 +127,16 @@ def load_coco(
     cat_ids = sorted(coco.getCatIds())
     if not cat_ids:
         raise AnnotationError(f"{annotation_json}: no categories")
-    cat_to_label = {cid: i + 1 for i, cid in enumerate(cat_ids)}
-    class_names = [str(coco.cats[cid]["name"]) for cid in cat_ids]
-    if len(set(class_names)) != len(class_names):
-        raise AnnotationError(f"{annotation_json}: duplicate category names {class_names}")
+    category_names = {cid: str(coco.cats[cid]["name"]) for cid in cat_ids}
+    if len(set(category_names.values())) != len(category_names):
+        raise AnnotationError(f"{annotation_json}: duplicate category names {list(category_names.values())}")
+    class_names = list(category_names.values()) if class_names is None else list(check_class_names(class_names))
+    class_to_label = {name: i + 1 for i, name in enumerate(class_names)}
+    cat_to_label = {cid: class_to_label.get(name, 0) for cid, name in category_names.items()}  # 0: not listed
 
     stats = LoadStats()
     records = RecordList(stats=stats)
+    first_entry: dict[Path, int] = {}  # image file -> the image id that named it first
     for img_id in sorted(coco.imgs):
         info = coco.imgs[img_id]
         stats.images_read += 1
@@ -137,15 +147,33 @@ def load_coco(
             raise AnnotationError(f"{annotation_json}: image {img_id} has an invalid entry ({exc})") from None
         if width <= 0 or height <= 0:  # every box would be clipped away as outside the image
             raise AnnotationError(f"{annotation_json}: image {img_id} has size {width}x{height}")
+        problem = None
         if not image_path.is_file():
-            msg = f"{annotation_json}: image {img_id} file {image_path} not found"
+            problem = ImageReadError(f"{annotation_json}: image {img_id} file {image_path} not found")
+        elif first_entry.setdefault(image_path.resolve(), img_id) != img_id:
+            problem = AnnotationError(
+                f"{annotation_json}: images {first_entry[image_path.resolve()]} and {img_id} both name the file "
+                f"{image_path}: the boxes of one would be trained and scored as the other's"
+            )
+        if problem is not None:
             if on_error == "raise":
-                raise ImageReadError(msg)
+                raise problem
             stats.images_skipped += 1
-            stats.note(logger, logging.WARNING, f"skipped: {msg}")
+            stats.note(logger, logging.WARNING, f"skipped: {problem}")
             continue
         anns = coco.imgToAnns.get(img_id, [])
         stats.boxes_read += len(anns)
+        unknown = [a for a in anns if not cat_to_label[a["category_id"]]]
+        if unknown and not ignore_unknown:
+            name = category_names[unknown[0]["category_id"]]
+            raise UnknownClassError(
+                f"{annotation_json}: annotation {unknown[0]['id']} of image {img_id} has category {name!r}, which "
+                f"is not among the classes {class_names}; add it to the class list (data.classes in a config), "
+                "or skip such objects with data.ignore_unknown_classes: true"
+            )
+        if unknown:
+            stats.boxes_unknown += len(unknown)
+            anns = [a for a in anns if cat_to_label[a["category_id"]]]
         ann_ids = np.array([a["id"] for a in anns], dtype=np.int64)
         # _check_entries vouched for every bbox, category and iscrowd.
         xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from data.coco import load_coco
-from data.errors import AnnotationError, ImageReadError
+from data.errors import AnnotationError, ImageReadError, UnknownClassError
 from data.voc import load_image_folder
 from tests.data_fixtures import COCO_JSON, RACCOON
+from utils.builders import load_split_records
+from utils.config import ConfigError, load_config
 
 
 def test_categories_map_to_contiguous_labels_in_id_order():
@@ -148,3 +150,40 @@ def test_entries_pycocotools_would_misread_are_named(tmp_path, edit, message):
     path.write_text(json.dumps(data))  # json writes NaN and Infinity, as Python's json reads them
     with pytest.raises(AnnotationError, match=r"bad\.json: " + message):
         load_coco(RACCOON / "images", path)
+
+
+def test_a_class_list_maps_categories_by_name_and_unknown_ones_are_named_or_skipped():
+    # The fixture's categories: dog (id 5, unused) and raccoon (id 18).
+    records, class_names = load_coco(RACCOON / "images", COCO_JSON, ["raccoon"])
+    assert class_names == ["raccoon"] and all((r.labels == 1).all() for r in records)
+    records, _ = load_coco(RACCOON / "images", COCO_JSON, ["cat", "raccoon"])  # any order, names not in the JSON
+    assert all((r.labels == 2).all() for r in records) and records.stats.boxes_kept == 9
+    with pytest.raises(UnknownClassError, match=r"annotation \d+ of image \d+ has category 'raccoon', which is not "
+                                                r"among the classes \['cat'\].*data.ignore_unknown_classes"):
+        load_coco(RACCOON / "images", COCO_JSON, ["cat"])
+    records, _ = load_coco(RACCOON / "images", COCO_JSON, ["cat"], ignore_unknown=True)
+    s = records.stats
+    assert (s.images_kept, s.boxes_read, s.boxes_unknown, s.boxes_kept) == (8, 9, 9, 0)
+
+
+def test_two_image_entries_naming_one_file_are_refused(tmp_path):
+    data = json.loads(COCO_JSON.read_text())
+    data["images"][3]["file_name"] = data["images"][4]["file_name"]
+    path = write_json(tmp_path / "dup.json", data)
+    with pytest.raises(AnnotationError, match=r"both name the file .*: the boxes of one would be trained and "
+                                              r"scored as the other's"):
+        load_coco(RACCOON / "images", path)
+    records, _ = load_coco(RACCOON / "images", path, on_error="skip")
+    assert len(records) == 7 and records.stats.images_skipped == 1
+
+
+def test_coco_keys_left_empty_are_named():
+    cfg = load_config(None, ["data.format=coco", "data.classes=[raccoon]", f"data.test_images={RACCOON / 'images'}"])
+    with pytest.raises(ConfigError, match="config key 'data.train_images' must be set with data.format: coco"):
+        load_split_records(cfg.data, "train")
+    with pytest.raises(ConfigError, match="config key 'data.test_annotations' must be set"):
+        load_split_records(cfg.data, "test")
+    cfg = load_config(None, ["data.format=coco", "data.classes=[dog]", f"data.test_images={RACCOON / 'images'}",
+                             f"data.test_annotations={COCO_JSON}", "data.ignore_unknown_classes=true"])
+    records = load_split_records(cfg.data, "test")
+    assert records.stats.boxes_unknown == 9 and records.stats.boxes_kept == 0

@@ -105,13 +105,12 @@ def load_split_records(data: DataConfig, split: str) -> list[ImageRecord]:
         )
     # coco
     prefix = "train" if split == "train" else "test"
+    for key in (f"{prefix}_images", f"{prefix}_annotations"):
+        if not str(getattr(data, key)).strip():  # "" would be the current folder
+            raise ConfigError(f"config key 'data.{key}' must be set with data.format: coco")
     images = _existing_dir(getattr(data, f"{prefix}_images"), f"data.{prefix}_images")
     annotations = _existing_file(getattr(data, f"{prefix}_annotations"), f"data.{prefix}_annotations")
-    records, coco_classes = load_coco(images, annotations)
-    if list(coco_classes) != classes:
-        raise ConfigError(
-            f"config key 'data.classes' {classes} does not match the categories of {annotations}: {coco_classes}"
-        )
+    records, _ = load_coco(images, annotations, classes, ignore_unknown=data.ignore_unknown_classes)
     return records
 
 
