@@ -26,7 +26,7 @@ from utils.builders import (
     prepare_synthetic,
     settings_the_checkpoint_decides,
 )
-from utils.checkpoint import INFERENCE_KEYS, load_checkpoint, trained_ids_among
+from utils.checkpoint import INFERENCE_KEYS, load_checkpoint, split_changes, trained_images_among
 from utils.config import load_config
 from utils.distributed import DistributedContext
 from utils.engine import resolve_amp_dtype, resolve_device, run_inference
@@ -136,12 +136,18 @@ def main(argv: list[str] | None = None) -> int:
                 device = resolve_device(args.device, "--device")
             checkpoint = load_checkpoint(args.checkpoint, map_location="cpu", require=INFERENCE_KEYS)
             detector = detector_from_checkpoint(checkpoint, args.checkpoint, class_names).to(device)
-            trained = trained_ids_among(checkpoint, [r.image_id for r in records])
+            trained = trained_images_among(checkpoint, records)
             if trained:
                 logger.warning(
                     "%d of the %d test images were training images of %s (first: %s): their mAP is not a test "
                     "of the model", len(trained), len(records), args.checkpoint, trained[0]
                 )
+            saved_ids = checkpoint.get("data_ids")
+            if isinstance(saved_ids, dict):  # the data come from --config: say when they are not the run's
+                changed = split_changes(saved_ids, {"test": [r.image_id for r in records]}, parts=("test",))
+                if changed:
+                    logger.warning("%s: %s: these metrics are not comparable with those of the run (check the "
+                                   "data keys of --config and the overrides)", args.checkpoint, changed[0])
             saved = checkpoint_config(checkpoint, args.checkpoint)
             unused = settings_the_checkpoint_decides(cfg, saved)
             if unused:

@@ -46,7 +46,7 @@ from utils.checkpoint import (
     restore_rng_states,
     split_changes,
     split_ids_of,
-    trained_ids_among,
+    trained_images_among,
 )
 from utils.config import (
     Config,
@@ -197,7 +197,8 @@ def warn_shared_images(train_records: list, test_records: list) -> None:
         )
 
 
-def warn_changed_splits(checkpoint: dict[str, Any], data_ids: dict[str, list[str]], resume: str | Path) -> None:
+def warn_changed_splits(checkpoint: dict[str, Any], data_ids: dict[str, list[str]], test_records: list,
+                        resume: str | Path) -> None:
     """Warn when a resumed run's data are not those it trained and evaluated on so far (files added, removed
     or renamed): the resume is then not exact, and test images it trained on make its mAP a test of memory.
     Adds to `data_ids` the images trained on so far that its training split no longer holds."""
@@ -208,13 +209,13 @@ def warn_changed_splits(checkpoint: dict[str, Any], data_ids: dict[str, list[str
     if changes:
         logger.warning("%s: %s; the resumed run does not continue the same training (nor best.pt's selection) "
                        "exactly", resume, "; ".join(changes))
-    trained = trained_ids_among(checkpoint, data_ids["test"])
+    trained = trained_images_among(checkpoint, test_records)
     if trained:
         logger.warning("%d of the %d test images were training images of this run before the resume (first: %s): "
-                       "their mAP is not a test of the model", len(trained), len(data_ids["test"]), trained[0])
+                       "their mAP is not a test of the model", len(trained), len(test_records), trained[0])
     # What the run trained on stays listed, so that eval.py can still tell its test images from them.
-    earlier = set(saved.get("train", [])) | set(saved.get("trained_earlier", []))
-    data_ids["trained_earlier"] = sorted(earlier - set(data_ids["train"]))
+    earlier = set(saved.get("train_images", [])) | set(saved.get("trained_earlier", []))
+    data_ids["trained_earlier"] = sorted(earlier - set(data_ids["train_images"]))
 
 
 def config_for_resume(checkpoint_path: str | Path, overrides: list[str],
@@ -444,7 +445,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
                 raise CheckpointError(f"{resume} holds no EMA weights but train.ema_decay is set")
             ema.load_state_dict(checkpoint["ema"])
         restore_rng_states(checkpoint["rng"])
-        warn_changed_splits(checkpoint, data_ids, resume)
+        warn_changed_splits(checkpoint, data_ids, test_records, resume)
         start_epoch = checkpoint["epoch"]
         skip_batches = checkpoint["batches_done"]
         global_step = checkpoint["global_step"]

@@ -6,15 +6,18 @@ import numpy as np
 import pytest
 import torch
 
+from data.records import ImageRecord
 from utils import checkpoint as checkpoint_module
 from utils.checkpoint import (
     CheckpointError,
     atomic_save,
     collect_rng_states,
+    image_key,
     load_checkpoint,
     restore_rng_states,
     split_changes,
-    trained_ids_among,
+    split_ids_of,
+    trained_images_among,
 )
 
 
@@ -109,16 +112,25 @@ def test_missing_entries_are_named(tmp_path):
 
 
 def test_split_changes_name_what_was_added_removed_or_reordered():
-    saved = {"train": ["a", "b", "c"], "test": ["x", "y"], "trained_earlier": []}
+    saved = {"train": ["a", "b", "c"], "test": ["x", "y"], "train_images": [], "trained_earlier": []}
     assert split_changes(saved, {"train": ["a", "b", "c"], "test": ["x", "y"]}) == []
     assert split_changes(saved, {"train": ["c", "b", "a"], "test": ["x", "y"]}) == [
         "the training split lists its 3 images in another order"]
     assert split_changes(saved, {"train": ["a", "d", "e"], "test": ["y"]}) == [
-        "the training split has 2 image(s) more (first: d) and 2 fewer (first: b) than when the run started",
-        "the test split has 1 fewer (first: x) than when the run started"]
+        "the training split has 2 image(s) more (first: d) and 2 fewer (first: b) than the checkpoint lists",
+        "the test split has 1 fewer (first: x) than the checkpoint lists"]
+    assert split_changes(saved, {"test": ["y"]}, parts=("test",)) == [
+        "the test split has 1 fewer (first: x) than the checkpoint lists"]
 
 
-def test_trained_ids_among_counts_images_trained_before_a_resume():
-    checkpoint = {"data_ids": {"train": ["a", "b"], "test": ["x"], "trained_earlier": ["c"]}}
-    assert trained_ids_among(checkpoint, ["x", "c", "b", "z"]) == ["c", "b"]
-    assert trained_ids_among({"model": {}}, ["a"]) == []  # a checkpoint that does not list its splits
+def test_trained_images_are_told_by_their_files_not_their_ids(tmp_path):
+    def record(image_id, name):
+        return ImageRecord(image_id, tmp_path / name, 10, 10, np.zeros((0, 4), np.float32),
+                           np.zeros(0, np.int64), np.zeros(0, bool))
+
+    train, test = [record("1", "a.jpg"), record("2", "b.jpg")], [record("1", "x.jpg"), record("9", "b.jpg")]
+    checkpoint = {"data_ids": split_ids_of(train, test) | {"trained_earlier": [image_key(record("7", "c.jpg"))]}}
+    # ids repeat across sources (two COCO files both start at 1): the same id "1" is another file here
+    assert trained_images_among(checkpoint, [*test, record("3", "c.jpg")]) == [str(tmp_path / "b.jpg"),
+                                                                                str(tmp_path / "c.jpg")]
+    assert trained_images_among({"model": {}}, test) == []  # a checkpoint that does not list its splits

@@ -745,7 +745,9 @@ def test_checkpoints_list_their_splits_and_a_resume_or_eval_on_other_data_is_war
     checkpoint = load_checkpoint(last)
     main = tmp_path / "shapes" / "VOCdevkit" / "SHAPES" / "ImageSets" / "Main"
     trainval, test = (main / "trainval.txt").read_text().split(), (main / "test.txt").read_text().split()
-    assert checkpoint["data_ids"] == {"train": trainval, "test": test, "trained_earlier": []}
+    assert {k: checkpoint["data_ids"][k] for k in ("train", "test", "trained_earlier")} == {
+        "train": trainval, "test": test, "trained_earlier": []}
+    assert len(checkpoint["data_ids"]["train_images"]) == len(trainval)
 
     # The first training image moved into the test split by hand, as when files are renamed or re-split.
     (main / "trainval.txt").write_text("\n".join(trainval[1:]) + "\n")
@@ -753,14 +755,21 @@ def test_checkpoints_list_their_splits_and_a_resume_or_eval_on_other_data_is_war
     capfd.readouterr()
     train_module.train(tiny_config(tmp_path, name="splits", epochs=2), resume=last, show_progress=False)
     err = capfd.readouterr().err
-    assert (f"the training split has 1 fewer (first: {trainval[0]}) than when the run started; the test split has "
-            f"1 image(s) more (first: {trainval[0]}) than when the run started") in err
-    assert f"1 of the 7 test images were training images of this run before the resume (first: {trainval[0]})" \
-        in err
-    assert load_checkpoint(last)["data_ids"]["trained_earlier"] == [trainval[0]]  # still known as trained on
+    assert (f"the training split has 1 fewer (first: {trainval[0]}) than the checkpoint lists; the test split has "
+            f"1 image(s) more (first: {trainval[0]}) than the checkpoint lists") in err
+    moved = str(tmp_path / "shapes" / "VOCdevkit" / "SHAPES" / "JPEGImages" / f"{trainval[0]}.jpg")
+    assert f"1 of the 7 test images were training images of this run before the resume (first: {moved})" in err
+    assert len(load_checkpoint(last)["data_ids"]["trained_earlier"]) == 1  # still known as trained on
     assert eval_module.main(["--config", str(REPO / "configs" / "demo.yaml"), "--checkpoint", last, "--no-coco",
                              *tiny_overrides(tmp_path, name="splits")]) == 0
-    assert f"1 of the 7 test images were training images of {last} (first: {trainval[0]})" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert f"1 of the 7 test images were training images of {last} (first: {moved})" in err
+    assert "the test split has" not in err  # the resumed run's checkpoint lists the test split as it is now
+    (main / "test.txt").write_text("\n".join(test[1:]) + "\n")  # evaluated on other data than the run's
+    assert eval_module.main(["--config", str(REPO / "configs" / "demo.yaml"), "--checkpoint", last, "--no-coco",
+                             *tiny_overrides(tmp_path, name="splits")]) == 0
+    assert (f"the test split has 2 fewer (first: {test[0]}) than the checkpoint lists: these metrics are not "
+            "comparable with those of the run") in capfd.readouterr().err
 
 
 def test_a_failed_evaluation_keeps_the_trained_epoch_and_the_resume_evaluates_it(tmp_path, monkeypatch, capfd):

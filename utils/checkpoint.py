@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from pathlib import Path
@@ -38,18 +39,27 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+def image_key(record: Any) -> str:
+    """A short key of a record's image file (its resolved path), the same for the same file whatever the
+    dataset calls it: image ids repeat across sources (two COCO files both number from 1)."""
+    return hashlib.sha256(str(Path(record.image_path).resolve()).encode()).hexdigest()[:16]
+
+
 def split_ids_of(train_records: list, test_records: list) -> dict[str, list[str]]:
-    """The image ids of a run's training and test splits, in order, as train.py stores them in checkpoints;
-    ``trained_earlier``: images the run trained on before a resume that are no longer in its training split."""
+    """What train.py stores in checkpoints about its data: the image ids of the training and test splits, in
+    order (``train``, ``test``), the keys of the training images (``train_images``, :func:`image_key`) and of
+    images trained on before a resume that its training split no longer holds (``trained_earlier``)."""
     return {"train": [r.image_id for r in train_records], "test": [r.image_id for r in test_records],
-            "trained_earlier": []}
+            "train_images": [image_key(r) for r in train_records], "trained_earlier": []}
 
 
-def split_changes(saved: dict[str, list[str]], current: dict[str, list[str]]) -> list[str]:
-    """How the splits a checkpoint was trained with (``saved``) differ from ``current``, a sentence per
-    changed split; empty when both are the same lists."""
+def split_changes(saved: dict[str, list[str]], current: dict[str, list[str]],
+                  parts: tuple[str, ...] = ("train", "test")) -> list[str]:
+    """How the splits a checkpoint lists (``saved``) differ from ``current``, a sentence per changed split
+    of ``parts``; empty when they are the same lists."""
     changes = []
-    for part, name in (("train", "training"), ("test", "test")):
+    for part in parts:
+        name = "training" if part == "train" else part
         before, now = saved.get(part, []), current[part]
         if before == now:
             continue
@@ -59,20 +69,20 @@ def split_changes(saved: dict[str, list[str]], current: dict[str, list[str]]) ->
         if not added and not gone:
             changes.append(f"the {name} split lists its {len(now)} images in another order")
             continue
-        parts = [f"{len(added)} image(s) more (first: {added[0]})" if added else "",
-                 f"{len(gone)} fewer (first: {gone[0]})" if gone else ""]
-        changes.append(f"the {name} split has {' and '.join(p for p in parts if p)} than when the run started")
+        counts = [f"{len(added)} image(s) more (first: {added[0]})" if added else "",
+                  f"{len(gone)} fewer (first: {gone[0]})" if gone else ""]
+        changes.append(f"the {name} split has {' and '.join(c for c in counts if c)} than the checkpoint lists")
     return changes
 
 
-def trained_ids_among(checkpoint: dict[str, Any], ids: list[str]) -> list[str]:
-    """The ids of ``ids`` (a test split's) that the checkpoint's run trained on; none for a checkpoint that
-    does not list its splits."""
+def trained_images_among(checkpoint: dict[str, Any], records: list) -> list[str]:
+    """The images of ``records`` (a test split's) that the checkpoint's run trained on, as paths; none for a
+    checkpoint that does not list them."""
     saved = checkpoint.get("data_ids")
     if not isinstance(saved, dict):
         return []
-    trained = set(saved.get("train", [])) | set(saved.get("trained_earlier", []))
-    return [i for i in ids if i in trained]
+    trained = set(saved.get("train_images", [])) | set(saved.get("trained_earlier", []))
+    return [str(r.image_path) for r in records if image_key(r) in trained]
 
 
 # What train.py writes; eval.py and detect.py need only the first three.
