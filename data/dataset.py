@@ -45,7 +45,11 @@ def load_image(path: str | Path, upright: bool = False) -> np.ndarray:
         raise ImageReadError(f"{path}: truncated JPEG (the file ends inside its image data)")
     # IMREAD_COLOR also turns grey or RGBA files into 3 channels.
     flags = cv2.IMREAD_COLOR if upright else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    image = cv2.imdecode(np.frombuffer(encoded, np.uint8), flags) if encoded else None
+    try:
+        image = cv2.imdecode(np.frombuffer(encoded, np.uint8), flags) if encoded else None
+    except cv2.error as error:  # e.g. more pixels than OpenCV's limit (CV_IO_MAX_IMAGE_PIXELS, 2**30)
+        reason = str(error).strip().splitlines()[-1].strip()
+        raise ImageReadError(f"{path}: OpenCV cannot decode this image ({reason})") from None
     if image is None:  # OpenCV reports a corrupt file by returning None, not by exception
         raise ImageReadError(f"{path}: cannot decode image (corrupt or unsupported format)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import albumentations as A
 import cv2
 import numpy as np
@@ -251,3 +254,16 @@ def test_loader_workers_ignore_ctrl_c_but_not_their_parents_sigterm():
                    build_dataloader(_SignalHandlers(), 2, False, 1, False, False)):
         labels = next(iter(loader))[2]
         assert [flags.tolist() for flags in labels] == [[True, False], [True, False]]
+
+
+def test_an_image_over_opencvs_pixel_limit_is_named(tmp_path):
+    # A PNG header announcing 40000 x 40000 pixels: OpenCV raises (rather than returning None) above 2**30.
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", 40000, 40000, 1, 0, 0, 0, 0)
+    path = tmp_path / "giant.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(100)))
+                     + chunk(b"IEND", b""))
+    with pytest.raises(ImageReadError, match=r"giant.png: OpenCV cannot decode this image \(.*pixels"):
+        load_image(path)
