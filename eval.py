@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Evaluate the Tiny-Detector on the test split of a config's dataset: per-class VOC AP "
         "(VOC2007 11-point and VOC2010+ area), their means, and COCO-style metrics.",
-        epilog="Config keys can be overridden after the flags as dotted key=value pairs, e.g. "
+        epilog="Config keys can be overridden with dotted key=value pairs among the flags, e.g. "
         "'data.root=/data/VOCdevkit eval.min_score=0.05'.",
     )
     parser.add_argument("--config", required=True, help="YAML config naming the dataset and eval settings")
@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    # Intermixed: overrides may come before, between or after the flags ('... train.epochs=2 --no-progress').
+    return build_parser().parse_intermixed_args(argv)
 
 
 def format_coco(coco: dict[str, Any] | None) -> str:

@@ -91,7 +91,7 @@ logger = logging.getLogger("train")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train the Tiny-Detector (VGG16 base, 441 priors) from a YAML config.",
-        epilog="Any config key can be overridden after the flags as dotted key=value pairs, e.g. "
+        epilog="Any config key can be overridden with dotted key=value pairs among the flags, e.g. "
         "'train.epochs=2 data.root=/data/VOCdevkit model.pretrained=false'. "
         "See docs/CONFIG.md for every key.",
     )
@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    # Intermixed: overrides may come before, between or after the flags ('... train.epochs=2 --no-progress').
+    return build_parser().parse_intermixed_args(argv)
 
 
 def _worker_exit_noticed_later(_signum: int, _frame: Any) -> None:

@@ -38,3 +38,10 @@ def test_bench_train_refuses_fewer_images_than_a_batch(capsys):
         bench_train.main(["--images", "3", "train.batch_size=4"])
     assert exit_info.value.code == 2
     assert "--images 3 is less than train.batch_size 4" in capsys.readouterr().err
+
+
+def test_overrides_may_come_between_the_flags():
+    args = train.parse_args(["--config", "c.yaml", "train.epochs=20", "--no-progress", "run.name=x"])
+    assert args.no_progress and args.overrides == ["train.epochs=20", "run.name=x"]
+    args = eval_script.parse_args(["--config", "c.yaml", "a.b=1", "--no-coco", "--checkpoint", "x.pt", "c.d=2"])
+    assert args.no_coco and args.checkpoint == "x.pt" and args.overrides == ["a.b=1", "c.d=2"]
