@@ -55,7 +55,6 @@ from utils.config import (
     config_from_dict,
     config_to_dict,
     load_config,
-    parse_overrides,
     save_config,
 )
 from utils.distributed import (
@@ -245,7 +244,8 @@ def config_for_resume(checkpoint_path: str | Path, overrides: list[str],
             f"--resume {checkpoint_path}: {'; '.join(refused)}: these settings belong to the run being resumed "
             "and cannot change; start a new run (another run.name) to train with them"
         )
-    if not {key for key, _ in parse_overrides(overrides)} & {"run.output_dir", "run.name"}:
+    # Compared as values, not override keys: a section mapping ('run={name: x}') overrides them as well.
+    if (cfg.run.output_dir, cfg.run.name) == (saved.run.output_dir, saved.run.name):
         folder = Path(checkpoint_path).resolve().parent
         cfg.run.output_dir, cfg.run.name = str(folder.parent), folder.name
     return cfg

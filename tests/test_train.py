@@ -490,6 +490,10 @@ def test_a_new_run_does_not_overwrite_a_folder_holding_one(tmp_path, capfd):
     assert (Path(run_dir(cfg)) / "last.pt").read_bytes() == before
     assert train_module.main(["--resume", other_last, "--no-progress", "train.epochs=2", "run.name=fork"]) == 0
     assert load_checkpoint(tmp_path / "runs" / "fork" / "last.pt")["epoch"] == 2
+    # The same as a section mapping: it went on in the original folder.
+    assert train_module.main(["--resume", other_last, "--no-progress", "train.epochs=2", "run={name: fork2}"]) == 0
+    assert load_checkpoint(tmp_path / "runs" / "fork2" / "last.pt")["epoch"] == 2
+    assert load_checkpoint(other_last)["epoch"] == 1
 
 
 def test_a_checkpoint_without_the_training_state_is_named(tmp_path, capfd):
