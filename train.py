@@ -111,6 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_intermixed_args(argv)
 
 
+class SecondInterrupt(KeyboardInterrupt):
+    """A second Ctrl-C while the first one's stop is pending: stop at once."""
+
+
 def _worker_exit_noticed_later(_signum: int, _frame: Any) -> None:
     """SIGCHLD handler after a stop request: a loader finds its dead workers when it next waits for them."""
 
@@ -141,7 +145,7 @@ class StopRequest:
     def _handle(self, signum: int, _frame: Any) -> None:
         if self.signal_name is not None:
             if signum == signal.SIGINT:  # a second Ctrl-C: stop now, without saving (see main)
-                raise KeyboardInterrupt
+                raise SecondInterrupt
             logger.warning("%s received again: still saving last.pt at the end of this step",
                            signal.Signals(signum).name)
             return
@@ -695,9 +699,13 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         logger.error("%s", user_message(error))
         return 2
-    except KeyboardInterrupt:
+    except SecondInterrupt:
         logger.error("stopped at once by a second Ctrl-C, without saving: a resume continues from the last "
                      "last.pt written before it")
+        return 130
+    except KeyboardInterrupt:  # before the stop handler is installed (data, model) or after the run
+        logger.error("stopped by Ctrl-C while the run was starting or closing, without saving: a resume "
+                     "continues from the last last.pt written before it, if any")
         return 130
     finally:
         cleanup_distributed()

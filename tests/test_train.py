@@ -651,21 +651,32 @@ def test_a_failed_checkpoint_write_is_named_and_keeps_the_previous_file(tmp_path
     assert last.read_bytes() == before and not list(last.parent.glob(".last.pt.*.tmp"))
 
 
-def test_a_second_sigterm_keeps_saving_and_a_second_ctrl_c_stops_at_once_with_a_message(monkeypatch, capfd):
+def test_a_second_sigterm_keeps_saving_and_a_second_ctrl_c_stops_at_once_with_a_message(tmp_path, monkeypatch,
+                                                                                         capfd):
     stop = train_module.StopRequest()
     stop._handle(signal.SIGTERM, None)
     stop._handle(signal.SIGTERM, None)  # a scheduler repeating its request: still a stop at the step's end
     assert stop() and stop.signal_name == "SIGTERM"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(train_module.SecondInterrupt):
         stop._handle(signal.SIGINT, None)
 
     def second_ctrl_c(*args, **kwargs):
-        raise KeyboardInterrupt
+        raise train_module.SecondInterrupt
 
     monkeypatch.setattr(train_module, "train", second_ctrl_c)
     capfd.readouterr()
     assert train_module.main(["--config", str(REPO / "configs" / "demo.yaml")]) == 130  # was a traceback
     assert "stopped at once by a second Ctrl-C, without saving" in capfd.readouterr().err
+
+    def ctrl_c_while_loading_data(*args, **kwargs):  # before the stop handler is installed: a first Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.undo()  # the real train(), up to the data
+    monkeypatch.setattr(train_module, "build_datasets", ctrl_c_while_loading_data)
+    assert train_module.main(["--config", str(REPO / "configs" / "demo.yaml"), "--no-progress",
+                              f"run.output_dir={tmp_path}"]) == 130
+    err = capfd.readouterr().err
+    assert "stopped by Ctrl-C while the run was starting or closing" in err and "second" not in err
 
 
 def test_a_train_split_without_boxes_stops_and_shared_images_are_warned_about(tmp_path, monkeypatch):
