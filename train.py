@@ -513,8 +513,9 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
             raise NonFiniteLossError(
                 f"the weights became NaN or infinite by step {state['global_step']} "
                 f"({', '.join(broken[:5]) or 'on another rank'}{', ...' if len(broken) > 5 else ''}) with a "
-                f"finite loss; {name} was not written, so it keeps the last good state. Lower train.lr or "
-                "enable train.grad_clip_norm"
+                f"finite loss; {name} was not written"
+                + (", so it keeps the last good state" if (run_dir / name).exists() else " (there was none yet)")
+                + ". Lower train.lr or enable train.grad_clip_norm"
             )
         if context.is_main:
             atomic_save(

@@ -550,10 +550,11 @@ def test_each_logged_step_shows_the_learning_rate_it_used(tmp_path):
 
 def test_weights_that_turn_non_finite_with_a_finite_loss_are_not_saved(tmp_path, monkeypatch):
     real_train_one_epoch = train_module.train_one_epoch
+    diverge_at = {"step": 5}  # in epoch 2
 
     def diverging(model, *args, on_step, **kwargs):
         def step(stats):
-            if stats.step == 5:  # in epoch 2: a diverged BatchNorm statistic; training losses use batch statistics
+            if stats.step == diverge_at["step"]:  # a diverged BatchNorm statistic; training uses batch statistics
                 with torch.no_grad():
                     model.base[1].running_var.fill_(math.inf)
             on_step(stats)
@@ -562,9 +563,15 @@ def test_weights_that_turn_non_finite_with_a_finite_loss_are_not_saved(tmp_path,
 
     monkeypatch.setattr(train_module, "train_one_epoch", diverging)
     cfg = tiny_config(tmp_path, name="diverged", epochs=2)
-    with pytest.raises(NonFiniteLossError, match=r"weights became NaN or infinite by step 6 \(base\.1\.running_var\)"):
+    with pytest.raises(NonFiniteLossError, match=r"weights became NaN or infinite by step 6 \(base\.1\.running_var\)"
+                                                 r".*best.pt was not written, so it keeps the last good state"):
         train_module.train(cfg, show_progress=False)
     assert load_checkpoint(Path(run_dir(cfg)) / "last.pt")["global_step"] == 3  # epoch 1's, intact
+    # In the first epoch there is no checkpoint to keep.
+    diverge_at["step"] = 2
+    cfg = tiny_config(tmp_path, name="diverged_at_once", epochs=1)
+    with pytest.raises(NonFiniteLossError, match=r"best.pt was not written \(there was none yet\)"):
+        train_module.train(cfg, show_progress=False)
 
 
 def test_a_run_saved_without_fp16_resumes_under_fp16(tmp_path, monkeypatch):
