@@ -5,7 +5,8 @@ Runs in the main process without a DataLoader, i.e. what one DataLoader worker d
 
     python benchmarks/bench_data.py                        # raccoon photographs, all measurements
     python benchmarks/bench_data.py --root tests/fixtures/raccoon --passes 20
-    python benchmarks/bench_data.py --shapes-root data/shapes   # also the synthetic shapes trainval set
+    python benchmarks/bench_data.py --shapes-root data/shapes-bench   # also a synthetic shapes trainval set
+                                      # (python -m data.synthetic --root data/shapes-bench)
 
 The raccoon photographs are read from ../shared/data/raccoon when present, else from the 8-image copy
 in tests/fixtures/raccoon.

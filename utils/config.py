@@ -139,7 +139,7 @@ class TrainConfig:
     compile: bool = False
     cudnn_benchmark: bool = True
     save_every_steps: int = 0  # 0: only at the end of each epoch
-    eval_every_epochs: int = 10  # 0: never during training
+    eval_every_epochs: int = 10  # 0: only after the last epoch
     eval_first_epoch: int = 1  # no periodic evaluation before this epoch
     log_every_steps: int = 10
     stop_at_map: float | None = None  # stop early once VOC07 mAP reaches this
