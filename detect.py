@@ -76,6 +76,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def voting_iou(text: str) -> float:
+    value = number(text, float)
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (0 turns voting off), got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Detect objects with a Tiny-Detector checkpoint; writes annotated images and a JSON of "
@@ -86,23 +93,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output-dir", default="detections",
         help="where the drawn images (<name>_detections.jpg; inputs from several folders keep their folders "
-        "below the one they share) and detections.json go",
+        "below the one they share) and detections.json go (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--min-score", type=score_threshold, default=0.4,
-        help="lowest score drawn and reported, in [0, 1): a detection needs a score strictly above it",
+        help="lowest score drawn and reported, in [0, 1): a detection needs a score strictly above it "
+        "(default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--max-overlap", type=overlap_threshold, default=0.45,
-        help="NMS IoU threshold in (0, 1]: a box overlapping a higher-scored box of its class by more is dropped",
+        help="NMS IoU threshold in (0, 1]: a box overlapping a higher-scored box of its class by more is dropped "
+        "(default: %(default)s)",
     )  # fmt: skip
-    parser.add_argument("--top-k", type=positive_int, default=200, help="most detections kept per image (>= 1)")
+    parser.add_argument("--top-k", type=positive_int, default=200,
+                        help="most detections kept per image, >= 1 (default: %(default)s)")
     parser.add_argument(
-        "--box-voting-iou", type=float, default=None,
-        help="box voting IoU (0 turns it off); default: the checkpoint config's eval.box_voting_iou. The voters "
-        "are the candidates above --min-score",
+        "--box-voting-iou", type=voting_iou, default=None,
+        help="box voting IoU in [0, 1] (0 turns it off); default: the checkpoint config's eval.box_voting_iou. "
+        "The voters are the candidates above --min-score",
     )  # fmt: skip
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when there is one), cpu, cuda or cuda:N (default: %(default)s)")
     return parser
 
 
@@ -145,10 +156,7 @@ def output_names(files: list[Path]) -> list[Path]:
 def read_rgb(path: Path) -> np.ndarray:
     # A photo is searched and drawn as it is shown, upright: OpenCV applies its EXIF orientation here,
     # unlike load_image's default for training and evaluation, which keeps the frame annotations are written in.
-    try:
-        return load_image(path, upright=True)
-    except ImageReadError as error:
-        raise InputError(str(error)) from None
+    return load_image(path, upright=True)
 
 
 def class_colour(label: int) -> tuple[int, int, int]:
@@ -166,6 +174,9 @@ def draw_detections(image_rgb: np.ndarray, found: list[dict[str, Any]]) -> np.nd
     # cv2 draws a line of thickness t > 1 over (t + 1) // 2 pixels on each side of its own: a box on the
     # border moves in by that much to be seen whole.
     inset = (thickness + 1) // 2 if thickness > 1 else 0
+    # Labels grow with the picture, as the lines do: at a fixed size they vanish when a large photo is shown whole.
+    font_scale = 0.45 * max(1.0, min(height, width) / 500)
+    text_thickness = max(1, round(font_scale))
     for det in found:
         # Continuous pixel coordinates [0, W] to the first and last pixel the box covers.
         x1, y1, x2, y2 = det["box"]
@@ -174,10 +185,11 @@ def draw_detections(image_rgb: np.ndarray, found: list[dict[str, Any]]) -> np.nd
         colour = class_colour(det["label"])
         cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, thickness)
         text = f"{det['class']} {det['score']:.2f}"
-        (tw, th), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
+        (tw, th), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, text_thickness)
         top = max(0, y1 - th - baseline - 2)
         cv2.rectangle(canvas, (x1, top), (x1 + tw + 2, top + th + baseline + 2), colour, -1)
-        cv2.putText(canvas, text, (x1 + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(canvas, text, (x1 + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0),
+                    text_thickness, cv2.LINE_AA)
     return canvas
 
 
@@ -215,13 +227,16 @@ def main(argv: list[str] | None = None) -> int:
         box_voting_iou = args.box_voting_iou
         if box_voting_iou is None:
             box_voting_iou = saved.eval.box_voting_iou
-        if box_voting_iou is not None and not 0.0 <= box_voting_iou <= 1.0:
-            raise InputError(f"--box-voting-iou must be in [0, 1] (0 turns voting off), got {box_voting_iou}")
         box_voting_iou = box_voting_iou or None
         output_dir = prepare_output_dir(Path(args.output_dir))
-        report = []
+        report, unreadable = [], []
         for path, name in zip(files, output_names(files), strict=True):
-            image = read_rgb(path)
+            try:
+                image = read_rgb(path)
+            except ImageReadError as error:  # one bad file among many: the others are still detected
+                logger.error("%s", error)
+                unreadable.append(str(path))
+                continue
             found = detect_image(detector, transform, image, device, args, class_names, activation, box_voting_iou)
             drawn_path = prepare_output_dir(output_dir / name.parent, "output subfolder") / name.name
             if not cv2.imwrite(str(drawn_path), draw_detections(image, found)):
@@ -234,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(report, handle, indent=2)
         except OSError as error:
             raise InputError(f"cannot write {output_dir / 'detections.json'}: {error.strerror or error}") from error
-        print(f"wrote {len(files)} images and {output_dir / 'detections.json'}")
+        print(f"wrote {len(report)} images and {output_dir / 'detections.json'}")
+        if unreadable:
+            raise InputError(f"{len(unreadable)} of the {len(files)} images could not be read (first: "
+                             f"{unreadable[0]}); the others are in {output_dir}")
     except (InputError, *USER_ERRORS) as error:
         logger.error("%s", user_message(error))
         return 2

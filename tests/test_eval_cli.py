@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -153,11 +154,6 @@ def test_detect_box_voting_moves_boxes_not_scores(trained, tmp_path, capfd):
     assert [d["class"] for d in voted] == [d["class"] for d in plain]
     assert any(v["box"] != p["box"] for v, p in zip(voted, plain, strict=True))
 
-    code = detect_module.main(["--checkpoint", str(trained["best"]), "--input", str(image), "--output-dir",
-                               str(tmp_path / "bad"), "--box-voting-iou", "1.5"])
-    assert code == 2
-    assert "--box-voting-iou" in capfd.readouterr().err
-
 
 def test_bad_device_is_named_by_its_source(trained, monkeypatch, capfd):
     best = str(trained["best"])
@@ -297,3 +293,30 @@ def test_a_class_name_that_cannot_name_a_results_file_skips_the_files_with_a_war
         eval_module.write_results_files(tmp_path, [], ["raccoon", "rac/coon"])
     assert list(tmp_path.iterdir()) == []
     assert "VOC results files not written: the class name 'rac/coon' cannot name a file" in caplog.text
+
+
+def test_detect_goes_on_past_an_unreadable_image_and_says_so(trained, tmp_path, capfd):
+    images = sorted((trained["root"] / "shapes" / "VOCdevkit" / "SHAPES" / "JPEGImages").glob("*.jpg"))[:2]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for image in images:
+        (folder / image.name).write_bytes(image.read_bytes())
+    (folder / "0-notes.jpg").write_text("not an image")  # first in order
+    out = tmp_path / "out"
+    assert detect_module.main(["--checkpoint", str(trained["best"]), "--input", str(folder),
+                               "--output-dir", str(out)]) == 2
+    err = capfd.readouterr().err
+    assert "0-notes.jpg: cannot decode image" in err
+    assert "1 of the 3 images could not be read (first: " in err and f"the others are in {out}" in err
+    report = json.loads((out / "detections.json").read_text())
+    assert [Path(r["image"]).name for r in report] == [image.name for image in images]
+
+
+def test_detect_help_gives_the_defaults_and_a_bad_voting_iou_is_a_usage_error(capsys):
+    help_text = detect_module.build_parser().format_help()
+    for default in ("(default: detections)", "(default: 0.4)", "(default: 0.45)", "(default: 200)",
+                    "(default: auto)"):
+        assert default in " ".join(help_text.split()), default
+    with pytest.raises(SystemExit) as info:
+        detect_module.parse_args(["--checkpoint", "x.pt", "--input", "y.jpg", "--box-voting-iou", "1.5"])
+    assert info.value.code == 2 and "--box-voting-iou: must be in [0, 1]" in capsys.readouterr().err
