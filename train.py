@@ -657,7 +657,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
         # Every rank reports a hash of its weights: DDP must keep them bit-identical, and this proves it.
         checksums = all_gather_objects(weights_checksum(model), context)
         summary = {
-            "run_dir": str(run_dir),
+            "run_dir": str(run_dir.resolve()),  # absolute, as a resumed run's is
             "world_size": context.world_size,
             "rank_weight_checksums": checksums,
             "best_voc07_map": best_map if best_map >= 0 else None,

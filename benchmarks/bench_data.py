@@ -82,10 +82,10 @@ def measure(records, image_size: int, passes: int, repeats: int, seed: int) -> d
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=None, help="raccoon folder (images/, annotations/)")
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", type=int, default=224, help="side of the augmented images")
     parser.add_argument("--passes", type=int, default=2, help="sweeps over the images per timed run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the best is reported")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the augmentation draws")
     parser.add_argument("--shapes-root", type=Path, default=None,
                         help="also measure the synthetic shapes trainval set under this root")
     args = parser.parse_args(argv)

@@ -152,14 +152,14 @@ def bench_postprocess(args: argparse.Namespace, device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch")
     parser.add_argument("--max-boxes", type=int, default=20, help="boxes per image drawn from 1..max")
     parser.add_argument("--n-classes", type=int, default=21, help="classes including background")
     parser.add_argument("--width", type=float, default=0.25, help="width multiplier of the untrained model")
-    parser.add_argument("--min-score", type=float, default=0.01)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--min-score", type=float, default=0.01, help="post-processing's score threshold")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls of each fast side (medians)")
     parser.add_argument("--naive-repeats", type=int, default=3, help="runs of the naive NMS loop")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random batch and model")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args(argv)

@@ -205,14 +205,14 @@ def interleaved_rounds(runners: dict[str, Callable[[int], None]], rounds: int, s
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--config", default="configs/demo.yaml", help="YAML config of the model and batch")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
     parser.add_argument("--rounds", type=int, default=20, help="measurements of each, interleaved")
     parser.add_argument("--images", type=int, default=256, help="synthetic images generated for the loop")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time the data alone and the step on a pre-loaded batch")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.images < cfg.train.batch_size:  # the loader drops the incomplete batch: it would yield none

@@ -124,6 +124,7 @@ def test_metrics_log_and_resolved_config_are_written(tmp_path):
     cfg = tiny_config(tmp_path, name="logged", epochs=2)
     summary = train_module.train(cfg, show_progress=False)
     folder = run_dir(cfg)
+    assert summary["run_dir"] == str(Path(folder).resolve())  # absolute, as after a resume
     with open(os.path.join(folder, "metrics.jsonl")) as handle:
         records = [json.loads(line) for line in handle]
     train_records = [r for r in records if r["type"] == "train"]
