@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from utils.voc_eval import (
+    DEVKIT_11_POINT_THRESHOLDS,
     EvaluationInputError,
     ImageDetections,
     ImageGroundTruth,
@@ -21,7 +22,7 @@ from utils.voc_eval import (
 # Reference: a line-by-line transcription of the devkit loops (VOCevaldet.m with py-faster-rcnn's
 # voc_ap), sequential "claimed" flags and all. Ties: Python's sorted() is stable, so equal scores keep
 # input order, the same documented order as evaluate_voc. Differences from py-faster-rcnn, matching
-# the MATLAB devkit: `ovmax >= threshold`, and 11-point thresholds k / 10.
+# the MATLAB devkit: `ovmax >= threshold`, and 11-point thresholds t=0:0.1:1 as MATLAB's colon makes them.
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -29,7 +30,7 @@ def _reference_ap(rec: list[float], prec: list[float], use_07_metric: bool) -> f
     if use_07_metric:
         ap = 0.0
         for k in range(11):
-            t = k / 10.0
+            t = k * 0.1 if k <= 5 else 1.0 - (10 - k) * 0.1  # MATLAB: a + k*d to the middle, b - (n-k)*d after
             ps = [p for r, p in zip(rec, prec, strict=True) if r >= t]
             ap += (max(ps) if ps else 0.0) / 11.0
         return ap
@@ -461,6 +462,14 @@ def test_rejects_bad_arrays_and_threshold():
         evaluate_voc([], [], ["cat"], iou_threshold=0.0)
     with pytest.raises(EvaluationInputError, match="class_names is empty"):
         evaluate_voc([], [], [])
+
+
+def test_voc_ap_11_point_thresholds_are_matlabs_so_a_recall_of_exactly_three_tenths_misses_the_fourth():
+    # MATLAB's 0:0.1:1 holds 0.30000000000000004, which a recall of 3/10 (0.3) does not reach: for the
+    # devkit no point counts from that threshold on, where exact tenths would count the precision 1.0.
+    recall, precision = [0.1, 0.2, 0.3, 0.3, 0.3], [1.0, 1.0, 1.0, 0.75, 0.6]
+    assert voc_ap(recall, precision, use_07_metric=True) == pytest.approx(3 / 11, abs=1e-15)
+    assert DEVKIT_11_POINT_THRESHOLDS[3] > 3 / 10 and DEVKIT_11_POINT_THRESHOLDS[6:8] == (0.6, 0.7)
 
 
 def test_voc_ap_11_point_of_a_perfect_curve_is_exactly_one():

@@ -21,9 +21,11 @@ Outcomes the devkit leaves undefined, chosen here:
 * ignored detections (matched to difficult boxes) are dropped from the recall/precision arrays.
   In the devkit they repeat the previous point (or give 0/0 precision before the first counted
   detection), which changes neither the envelope nor the 11-point maxima, so both APs are identical;
-* the 11-point thresholds are exactly ``k / 10``. ``np.arange(0, 1.1, 0.1)`` (py-faster-rcnn) yields
-  0.30000000000000004, 0.6000000000000001 and 0.7000000000000001, which would miss a recall of exactly
-  3/10, 6/10 or 7/10.
+
+The 11-point thresholds are the devkit's ``t=0:0.1:1`` as MATLAB computes them: ``a + k*d`` up to the middle
+of the range and ``b - (n-k)*d`` after it, so the fourth is 0.30000000000000004 and a recall of exactly 3/10
+does not reach it (the others equal ``k / 10``). ``np.arange(0, 1.1, 0.1)`` (py-faster-rcnn) differs at 0.6
+and 0.7 as well.
 
 The claimed/not-claimed loop of the devkit is sequential, but its outcome has a closed form: among
 detections that reach the threshold on a non-difficult box, the highest-ranked one per box is the TP and
@@ -234,7 +236,7 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> fl
         )
     if use_07_metric:
         maxima = []
-        for t in np.arange(11) / 10.0:  # exact k/10, see the module docstring
+        for t in DEVKIT_11_POINT_THRESHOLDS:
             above = prec[rec >= t]
             maxima.append(float(above.max()) if above.size else 0.0)
         return sum(maxima) / 11.0  # eleven additions of 1/11 would give 1.0000000000000002
@@ -243,6 +245,10 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> fl
     mpre = np.maximum.accumulate(mpre[::-1])[::-1]
     changed = np.flatnonzero(mrec[1:] != mrec[:-1]) + 1
     return float(np.sum((mrec[changed] - mrec[changed - 1]) * mpre[changed]))
+
+
+# MATLAB's 0:0.1:1 (see the module docstring).
+DEVKIT_11_POINT_THRESHOLDS = tuple([k * 0.1 for k in range(6)] + [1.0 - (10 - k) * 0.1 for k in range(6, 11)])
 
 
 def devkit_iou(det: np.ndarray, gt: np.ndarray) -> np.ndarray:
