@@ -64,7 +64,7 @@ class LoadStats:
     images_read: annotation entries read. images_kept: records returned. images_skipped: entries skipped
     because of a bad file (only with on_error="skip"). images_empty: kept records without any box.
     boxes_read: objects read. boxes_kept: boxes in the returned records. boxes_dropped: degenerate boxes
-    (xmax <= xmin or ymax <= ymin, or nothing left inside the image after clipping). boxes_clipped:
+    (xmax < xmin or ymax < ymin as a VOC XML writes them, or nothing left inside the image after clipping). boxes_clipped:
     boxes moved inside the image. boxes_unknown: objects of unknown classes ignored (ignore_unknown=True).
     boxes_difficult: kept boxes flagged difficult.
     """

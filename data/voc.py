@@ -1,9 +1,9 @@
 """PASCAL VOC XML readers: a VOCdevkit tree and labelImg-style image/annotation folders.
 
 Coordinates: VOC XML boxes are 1-based inclusive pixel indices. A box (xmin, ymin, xmax, ymax) becomes
-the 0-based continuous box (xmin - 1, ymin - 1, xmax, ymax) (width xmax - xmin + 1). A box whose XML
-values have xmax <= xmin or ymax <= ymin is degenerate (zero or negative extent as written, e.g. a
-stray click in an annotation tool) and is dropped; a box reaching outside the image is clipped to it.
+the 0-based continuous box (xmin - 1, ymin - 1, xmax, ymax) (width xmax - xmin + 1), so xmax == xmin is
+a box one pixel wide, which the devkit counts. A box whose XML values have xmax < xmin or ymax < ymin is
+degenerate (negative extent as written) and is dropped; a box reaching outside the image is clipped to it.
 
 Every object is kept with its `difficult` flag; whether training uses difficult boxes is the dataset's
 decision (`DetectionDataset(use_difficult=...)`). `<part>` elements (person layout: head, hand, foot)
@@ -198,7 +198,7 @@ def _parse(
 
     voc = np.asarray(raw_boxes, dtype=np.float64).reshape(-1, 4)
     # Degenerate as written in the file; see the module docstring.
-    bad = (voc[:, 2] <= voc[:, 0]) | (voc[:, 3] <= voc[:, 1])
+    bad = (voc[:, 2] < voc[:, 0]) | (voc[:, 3] < voc[:, 1])
     boxes = voc.copy()
     boxes[:, :2] -= 1.0  # 1-based inclusive -> 0-based continuous
     clipped = boxes.copy()
@@ -208,7 +208,7 @@ def _parse(
     moved = ~bad & ~outside & np.any(clipped != boxes, axis=1)
     drop = bad | outside
     for i in np.flatnonzero(drop):
-        why = "xmax <= xmin or ymax <= ymin" if bad[i] else f"entirely outside the {width}x{height} image"
+        why = "xmax < xmin or ymax < ymin" if bad[i] else f"entirely outside the {width}x{height} image"
         stats.note(logger, logging.WARNING, f"{xml_path}: dropped box {voc[i].tolist()} ({why})")
     for i in np.flatnonzero(moved):
         stats.note(logger, logging.INFO,

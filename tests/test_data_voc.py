@@ -40,13 +40,15 @@ def test_vocdevkit_boxes_labels_difficult_equal_the_xml():
 def test_one_based_conversion_gives_inclusive_pixel_width(tmp_path):
     write_jpeg(tmp_path / "JPEGImages" / "a.jpg", 20, 10)
     xml = write_voc_xml(tmp_path / "Annotations" / "a.xml", "a.jpg", 20, 10, [("dog", (1, 1, 20, 10), 0),
-                                                                               ("dog", (5, 3, 5, 3), 0)])
+                                                                               ("dog", (5, 3, 5, 3), 0),
+                                                                               ("dog", (5, 3, 4, 3), 0)])
     record = parse_voc_xml(xml, ["dog"])
-    # A box covering the whole 20x10 image, written 1..20 x 1..10, is [0, 20] x [0, 10] continuous.
-    np.testing.assert_array_equal(record.boxes, np.array([[0, 0, 20, 10]], dtype=np.float32))
+    # A box covering the whole 20x10 image, written 1..20 x 1..10, is [0, 20] x [0, 10] continuous, and
+    # (5, 3, 5, 3) is pixel (5, 3) alone: [4, 5] x [2, 3], as the devkit counts it.
+    np.testing.assert_array_equal(record.boxes, np.array([[0, 0, 20, 10], [4, 2, 5, 3]], dtype=np.float32))
     assert record.boxes[0, 2] - record.boxes[0, 0] == 20 - 1 + 1
-    # (5, 3, 5, 3) has xmax <= xmin as written: degenerate, dropped.
-    assert record.n_boxes == 1
+    # (5, 3, 4, 3) has xmax < xmin as written: degenerate, dropped.
+    assert record.n_boxes == 2
 
 
 def test_person_parts_are_not_objects():
@@ -174,7 +176,7 @@ def test_a_random_split_keeps_every_image_in_its_part_when_files_are_added_or_re
 
 def test_degenerate_and_outside_boxes_are_dropped_or_clipped_and_counted(tmp_path, caplog):
     images, annotations = labelimg_folder(tmp_path, {
-        "a": (64, 48, [("cat", (10, 10, 10, 30), 0),      # xmax <= xmin: dropped
+        "a": (64, 48, [("cat", (10, 10, 9, 30), 0),       # xmax < xmin: dropped
                        ("cat", (0, 1, 70, 40), 0),        # reaches outside: clipped to [0, 64]
                        ("cat", (100, 60, 120, 80), 0),    # entirely outside: dropped
                        ("cat", (5, 5, 20, 20), 1)]),
@@ -190,7 +192,7 @@ def test_degenerate_and_outside_boxes_are_dropped_or_clipped_and_counted(tmp_pat
     assert (s.images_read, s.images_kept, s.images_empty) == (2, 2, 1)
     assert (s.boxes_read, s.boxes_kept, s.boxes_dropped, s.boxes_clipped) == (4, 2, 2, 1)
     text = caplog.text
-    assert "a.xml: dropped box [10.0, 10.0, 10.0, 30.0]" in text
+    assert "a.xml: dropped box [10.0, 10.0, 9.0, 30.0] (xmax < xmin or ymax < ymin)" in text
     assert "a.xml: clipped box" in text and "b.xml: no boxes" in text
     assert "boxes read 4, kept 2 (1 difficult), dropped 2, clipped 1" in text
 
