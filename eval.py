@@ -25,6 +25,7 @@ from utils.builders import (
     load_split_records,
     prepare_synthetic,
     settings_the_checkpoint_decides,
+    settings_unlike_the_run,
 )
 from utils.checkpoint import INFERENCE_KEYS, load_checkpoint, split_changes, trained_images_among
 from utils.config import load_config
@@ -155,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
                 logger.warning(
                     "the model is rebuilt as %s was trained, so these settings of --config and the overrides are "
                     "not used: %s", args.checkpoint, ", ".join(unused)
+                )
+            unlike = settings_unlike_the_run(cfg, saved)
+            if unlike:
+                logger.warning(
+                    "%s: these settings of --config and the overrides differ from the run's, so the mAP is not "
+                    "the one it logged: %s", args.checkpoint, ", ".join(unlike)
                 )
             default_dir = Path(args.checkpoint).parent / "eval"
             output_dir = prepare_output_dir(Path(args.output_dir or default_dir), output_flag)

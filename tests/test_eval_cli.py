@@ -67,7 +67,8 @@ def test_model_settings_the_checkpoint_overrides_are_named(trained, tmp_path, ca
     out = tmp_path / "eval"
     assert eval_module.main(["--config", DEMO, "--checkpoint", str(trained["best"]), "--output-dir", str(out),
                              "--no-coco", *trained["overrides"]]) == 0  # fmt: skip
-    assert "not used" not in capfd.readouterr().err  # the training config: nothing to say
+    err = capfd.readouterr().err
+    assert "not used" not in err and "differ from the run's" not in err  # the training config: nothing to say
     baseline = json.loads((out / "metrics.json").read_text())["voc07_map"]
     assert eval_module.main(["--config", DEMO, "--checkpoint", str(trained["best"]), "--output-dir", str(out),
                              "--no-coco", *trained["overrides"], "model.image_size=96", "model.scales=[0.3,0.5]",
@@ -77,6 +78,15 @@ def test_model_settings_the_checkpoint_overrides_are_named(trained, tmp_path, ca
             "model.scales=[0.3, 0.5] (checkpoint: [0.2, 0.4, 0.6]), loss.classification='focal_sigmoid' "
             "(checkpoint: 'hard_negative')") in err
     assert json.loads((out / "metrics.json").read_text())["voc07_map"] == baseline
+
+
+def test_evaluation_settings_unlike_the_runs_are_named(trained, tmp_path, capfd):
+    out = tmp_path / "eval"
+    assert eval_module.main(["--config", DEMO, "--checkpoint", str(trained["best"]), "--output-dir", str(out),
+                             "--no-coco", *trained["overrides"], "eval.min_score=0.2", "train.amp=bf16"]) == 0
+    err = capfd.readouterr().err
+    assert ("these settings of --config and the overrides differ from the run's, so the mAP is not the one it "
+            "logged: eval.min_score=0.2 (run: 0.01), train.amp='bf16' (run: 'fp32')") in err
 
 
 def test_bad_inputs_give_clear_messages(trained, tmp_path, capfd):

@@ -201,6 +201,24 @@ def settings_the_checkpoint_decides(cfg: Config, saved: Config) -> list[str]:
     return [f"{key}={value!r} (checkpoint: {other!r})" for key, (value, other) in pairs.items() if value != other]
 
 
+# What an evaluation of a checkpoint takes from its config rather than from the checkpoint, and that changes
+# its mAP: detections are filtered, suppressed and voted by the first four, computed in the precision of the
+# last.
+EVALUATION_SETTINGS = ("eval.min_score", "eval.max_overlap", "eval.top_k", "eval.box_voting_iou", "train.amp")
+
+
+def settings_unlike_the_run(cfg: Config, saved: Config) -> list[str]:
+    """The :data:`EVALUATION_SETTINGS` of ``cfg`` that differ from those a checkpoint's run (config ``saved``)
+    evaluated with, as ``"key=value (run: value)"``: the mAP is then not the one the run logged."""
+    differences = []
+    for key in EVALUATION_SETTINGS:
+        section, name = key.split(".")
+        value, other = getattr(getattr(cfg, section), name), getattr(getattr(saved, section), name)
+        if value != other:
+            differences.append(f"{key}={value!r} (run: {other!r})")
+    return differences
+
+
 def detector_from_checkpoint(checkpoint: dict, path: str | Path, class_names: list[str] | None = None) -> TinyDetector:
     """Rebuild the model a checkpoint was trained with and load its weights.
 
