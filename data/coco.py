@@ -54,6 +54,10 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _unique_int_ids(entries: list, what: str, annotation_json: Path) -> set[int]:
     """The ``id`` of every entry of ``what`` ("images", "categories"); integers, each used once."""
     ids: set[int] = set()
@@ -198,7 +202,11 @@ def load_coco(
         keep = ~(bad | outside)
         stats.boxes_dropped += int((~keep).sum())
         stats.boxes_clipped += int(moved.sum())
-        rec = ImageRecord(str(img_id), image_path, width, height, clipped[keep], labels[keep], crowd[keep])
+        # COCO's `area` (the segmentation's) sorts objects into small, medium and large; the box's when absent.
+        areas = np.array([a["area"] if _is_number(a.get("area")) and a["area"] > 0 else w * h
+                          for a, (_, _, w, h) in zip(anns, xywh.tolist(), strict=True)], dtype=np.float64)
+        rec = ImageRecord(str(img_id), image_path, width, height, clipped[keep], labels[keep], crowd[keep],
+                          areas[keep])
         stats.boxes_kept += rec.n_boxes
         stats.boxes_difficult += int(rec.difficult.sum())
         stats.images_empty += int(rec.n_boxes == 0)

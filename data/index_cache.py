@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Bump when the pickled payload changes shape so old cache files are ignored.
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 3  # 3: ImageRecord.areas
 
 
 def default_cache_dir() -> Path:

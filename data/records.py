@@ -30,6 +30,8 @@ class ImageRecord:
         boxes: (n, 4) float32 continuous 0-based pixel xyxy, inside [0, width] x [0, height].
         labels: (n,) int64 in 1..C-1 (0 is background).
         difficult: (n,) bool (VOC `difficult` or COCO `iscrowd`).
+        areas: None, or (n,) float64 object areas in pixels that are not the boxes' own (COCO's `area`,
+            that of the segmentation), which COCO-style metrics sort into small, medium and large.
     """
 
     image_id: str
@@ -39,6 +41,7 @@ class ImageRecord:
     boxes: np.ndarray
     labels: np.ndarray
     difficult: np.ndarray
+    areas: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.image_path = Path(self.image_path)
@@ -46,10 +49,13 @@ class ImageRecord:
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
         self.difficult = np.asarray(self.difficult, dtype=bool).reshape(-1)
         n = len(self.boxes)
-        if len(self.labels) != n or len(self.difficult) != n:
+        if self.areas is not None:
+            self.areas = np.asarray(self.areas, dtype=np.float64).reshape(-1)
+        areas = n if self.areas is None else len(self.areas)
+        if len(self.labels) != n or len(self.difficult) != n or areas != n:
             raise ValueError(
-                f"record {self.image_id!r}: {n} boxes but {len(self.labels)} labels and "
-                f"{len(self.difficult)} difficult flags"
+                f"record {self.image_id!r}: {n} boxes but {len(self.labels)} labels, "
+                f"{len(self.difficult)} difficult flags and {areas} areas"
             )
 
     @property

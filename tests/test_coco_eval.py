@@ -11,7 +11,9 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from data.coco import load_coco
 from utils.coco_eval import COCO_METRIC_NAMES, devkit_to_coco_xywh, evaluate_coco
+from utils.engine import ground_truth_from_records
 from utils.voc_eval import EvaluationInputError, ImageDetections, ImageGroundTruth
 
 
@@ -160,3 +162,35 @@ def test_rejects_unknown_images_and_bad_labels():
         evaluate_coco([det_image("a", [SMALL], [2], [0.5])], gts, ["cat"])
     with pytest.raises(EvaluationInputError, match="'a' appears twice in the ground truth"):
         evaluate_coco([], gts + gts, ["cat"])
+
+
+def test_size_ranges_go_by_the_objects_own_areas_as_pycocotools_on_the_json(tmp_path):
+    # A 40x40 box whose segmentation covers 900 px (found) and a 30x30 one of 850 px (missed): by their own
+    # areas both are small; by their boxes one (1600 px) would be medium.
+    data = {"images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 100}],
+            "categories": [{"id": 1, "name": "thing"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "area": 900,
+                             "iscrowd": 0},
+                            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [60, 60, 30, 30], "area": 850,
+                             "iscrowd": 0}]}
+    (tmp_path / "a.jpg").write_bytes(b"")  # the loader checks the file exists; nothing reads it here
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(data))
+    records, _ = load_coco(tmp_path, path, ["thing"])
+    assert records[0].areas.tolist() == [900.0, 850.0]
+    ground_truth = ground_truth_from_records(records)
+    found = det_image("1", [[11.0, 11.0, 50.0, 50.0]], [1], [0.9])  # devkit pixels of [10, 10, 40, 40]
+    ours = evaluate_coco([found], ground_truth, ["thing"])
+
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+        results = coco.loadRes([{"image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "score": 0.9}])
+        evaluator = COCOeval(coco, results, "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    for name, value in zip(COCO_METRIC_NAMES, evaluator.stats, strict=False):
+        assert ours[name] == (None if value < 0 else pytest.approx(value, abs=1e-12)), name
+    assert ours["APs"] == pytest.approx(0.505, abs=1e-3) and ours["APm"] is None

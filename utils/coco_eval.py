@@ -85,8 +85,11 @@ def evaluate_coco(
         number = len(image_numbers) + 1  # COCO ids start at 1
         image_numbers[gt.image_id] = number
         images.append({"id": number, "file_name": gt.image_id, "width": gt.width, "height": gt.height})
-        for box, label, difficult in zip(
-            devkit_to_coco_xywh(gt.boxes).tolist(), gt.labels.tolist(), gt.difficult.tolist(), strict=True
+        boxes_xywh = devkit_to_coco_xywh(gt.boxes).tolist()
+        # COCO's size ranges go by the object's own area (its segmentation's, in COCO data), else the box's.
+        areas = gt.areas.tolist() if gt.areas is not None else [w * h for _, _, w, h in boxes_xywh]
+        for box, label, difficult, area in zip(
+            boxes_xywh, gt.labels.tolist(), gt.difficult.tolist(), areas, strict=True
         ):
             gt_annotations.append(
                 {
@@ -95,7 +98,7 @@ def evaluate_coco(
                     "image_id": number,
                     "category_id": label,
                     "bbox": box,
-                    "area": box[2] * box[3],
+                    "area": area,
                     "iscrowd": int(difficult),
                 }
             )

@@ -310,6 +310,7 @@ def ground_truth_from_records(records: list[ImageRecord]) -> list[ImageGroundTru
                 difficult=record.difficult.astype(bool),
                 width=record.width,
                 height=record.height,
+                areas=record.areas,
             )
         )
     return ground_truth

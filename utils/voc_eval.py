@@ -97,7 +97,8 @@ class ImageGroundTruth:
 
     boxes: (n, 4) float64 1-based inclusive pixel (xmin, ymin, xmax, ymax); labels: (n,) int64 in
     1..C-1; difficult: (n,) bool. width/height: image size in pixels (used for COCO area ranges and
-    plots). Arrays are converted and checked on construction.
+    plots). areas: None, or (n,) the objects' own areas for COCO's size ranges (COCO data's `area`), which
+    are else the boxes'. Arrays are converted and checked on construction.
     """
 
     image_id: str
@@ -106,6 +107,7 @@ class ImageGroundTruth:
     difficult: np.ndarray
     width: int
     height: int
+    areas: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.image_id = str(self.image_id)
@@ -115,6 +117,8 @@ class ImageGroundTruth:
         self.difficult = _as_vector(
             self.difficult, n, np.bool_, self.image_id, "ground-truth difficult flags"
         )
+        if self.areas is not None:
+            self.areas = _as_vector(self.areas, n, np.float64, self.image_id, "ground-truth areas")
         self.width = int(self.width)
         self.height = int(self.height)
 
