@@ -403,10 +403,9 @@ class MultiBoxLoss(nn.Module):
         return (alpha_t * modulating * cross_entropy).sum(dim=-1)
 
     def _softmax_focal(self, scores: Tensor, target: Tensor) -> Tensor:
-        log_probs = F.log_softmax(scores, dim=-1)
-        log_p = log_probs.gather(-1, target[..., None]).squeeze(-1)
-        # log(1 - p) as the log-sum of the other classes' probabilities: finite where p rounds to 1, so the
-        # gradient of (1 - p)^gamma stays finite for gamma < 1 too.
-        log_rest = log_probs.scatter(-1, target[..., None], -math.inf).logsumexp(dim=-1)
+        log_p = F.log_softmax(scores, dim=-1).gather(-1, target[..., None]).squeeze(-1)
+        # 1 - p from log p without cancellation, kept above 0: where p rounds to 1 the power's derivative is
+        # infinite for gamma < 1, and the clamp's zero gradient there (the true one tends to 0) keeps it finite.
+        one_minus_p = torch.expm1(log_p).neg().clamp_min(torch.finfo(log_p.dtype).tiny)
         alpha_t = torch.where(target > 0, self.focal_alpha, 1.0 - self.focal_alpha)
-        return -alpha_t * torch.exp(self.focal_gamma * log_rest) * log_p
+        return -alpha_t * one_minus_p.pow(self.focal_gamma) * log_p
