@@ -251,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"cannot write {output_dir / 'detections.json'}: {error.strerror or error}") from error
         print(f"wrote {len(report)} images and {output_dir / 'detections.json'}")
         if unreadable:
+            where = f"the others are in {output_dir}" if report else "nothing was detected"
             raise InputError(f"{len(unreadable)} of the {len(files)} images could not be read (first: "
-                             f"{unreadable[0]}); the others are in {output_dir}")
+                             f"{unreadable[0]}); {where}")
     except (InputError, *USER_ERRORS) as error:
         logger.error("%s", user_message(error))
         return 2

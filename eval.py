@@ -26,6 +26,7 @@ from utils.builders import (
     prepare_synthetic,
     settings_the_checkpoint_decides,
     settings_unlike_the_run,
+    unlisted_random_split,
 )
 from utils.checkpoint import INFERENCE_KEYS, load_checkpoint, split_changes, trained_images_among
 from utils.config import load_config
@@ -144,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                     "%d of the %d test images were training images of %s (first: %s): their mAP is not a test "
                     "of the model", len(trained), len(records), args.checkpoint, trained[0]
                 )
+            why = unlisted_random_split(cfg.data, checkpoint)
+            if why:
+                logger.warning("%s: %s", args.checkpoint, why)
             saved_ids = checkpoint.get("data_ids")
             if isinstance(saved_ids, dict):  # the data come from --config: say when they are not the run's
                 changed = split_changes(saved_ids, {"test": [r.image_id for r in records]}, parts=("test",))

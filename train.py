@@ -36,12 +36,14 @@ from utils.builders import (
     checkpoint_config,
     load_split_records,
     prepare_synthetic,
+    unlisted_random_split,
 )
 from utils.checkpoint import (
     TRAINING_KEYS,
     CheckpointError,
     atomic_save,
     collect_rng_states,
+    image_keys,
     load_checkpoint,
     restore_rng_states,
     split_changes,
@@ -51,6 +53,7 @@ from utils.checkpoint import (
 from utils.config import (
     Config,
     ConfigError,
+    DataConfig,
     changes_refused_on_resume,
     config_from_dict,
     config_to_dict,
@@ -201,13 +204,16 @@ def warn_shared_images(train_records: list, test_records: list) -> None:
         )
 
 
-def warn_changed_splits(checkpoint: dict[str, Any], data_ids: dict[str, list[str]], test_records: list,
-                        resume: str | Path) -> None:
+def warn_changed_splits(checkpoint: dict[str, Any], data_ids: dict[str, Any], test_records: list,
+                        resume: str | Path, data: DataConfig) -> None:
     """Warn when a resumed run's data are not those it trained and evaluated on so far (files added, removed
     or renamed): the resume is then not exact, and test images it trained on make its mAP a test of memory.
     Adds to `data_ids` the images trained on so far that its training split no longer holds."""
     saved = checkpoint.get("data_ids")
     if not isinstance(saved, dict):  # written before checkpoints listed their splits
+        why = unlisted_random_split(data, checkpoint)
+        if why:
+            logger.warning("%s: %s", resume, why)
         return
     changes = split_changes(saved, data_ids)
     if changes:
@@ -218,8 +224,8 @@ def warn_changed_splits(checkpoint: dict[str, Any], data_ids: dict[str, list[str
         logger.warning("%d of the %d test images were training images of this run before the resume (first: %s): "
                        "their mAP is not a test of the model", len(trained), len(test_records), trained[0])
     # What the run trained on stays listed, so that eval.py can still tell its test images from them.
-    earlier = set(saved.get("train_images", [])) | set(saved.get("trained_earlier", []))
-    data_ids["trained_earlier"] = sorted(earlier - set(data_ids["train_images"]))
+    earlier = image_keys(saved, "train_images", "trained_earlier") - image_keys(data_ids, "train_images")
+    data_ids["trained_earlier"] = torch.tensor(sorted(earlier), dtype=torch.int64)
 
 
 def config_for_resume(checkpoint_path: str | Path, overrides: list[str],
@@ -269,7 +275,7 @@ def checkpoint_state(
     best_map: float,
     last_map: float | None,
     world_size: int = 1,
-    data_ids: dict[str, list[str]] | None = None,
+    data_ids: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`epoch` is the 0-based epoch in progress and `batches_done` how many of its batches are done, by
     each of the `world_size` processes. `data_ids`: the splits' image ids (`split_ids_of`), which a resume
@@ -450,7 +456,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
                 raise CheckpointError(f"{resume} holds no EMA weights but train.ema_decay is set")
             ema.load_state_dict(checkpoint["ema"])
         restore_rng_states(checkpoint["rng"])
-        warn_changed_splits(checkpoint, data_ids, test_records, resume)
+        warn_changed_splits(checkpoint, data_ids, test_records, resume, cfg.data)
         start_epoch = checkpoint["epoch"]
         skip_batches = checkpoint["batches_done"]
         global_step = checkpoint["global_step"]

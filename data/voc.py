@@ -97,20 +97,23 @@ def _resolve_image(images_dir: Path, filename: str | None, image_id: str, xml_pa
     XML's <filename> there (annotations named apart from their images).
 
     The file name comes first because a <filename> goes stale when images and annotations are renamed
-    together, and may then name another image of the set; that case is warned about.
+    together, and may then name another image of the set; that case is warned about. A <filename> of the
+    annotation's own name is taken as written, in its case (``IMG_1.JPG`` also "exists" as ``IMG_1.jpg`` on
+    a case-insensitive file system).
     """
+    named = images_dir / filename if filename else None
+    if named is not None and named.stem == image_id and named.is_file():
+        return named
     for ext in IMAGE_EXTENSIONS:
         p = images_dir / f"{image_id}{ext}"
         if p.is_file():
-            if filename and filename != p.name and (images_dir / filename).is_file():
+            if named is not None and named.is_file() and not named.samefile(p):
                 stats.note(logger, logging.WARNING,
                            f"{xml_path}: <filename> {filename!r} names another image than the annotation's own "
                            f"{p.name}; using {p.name}")
             return p
-    if filename:
-        p = images_dir / filename
-        if p.is_file():
-            return p
+    if named is not None and named.is_file():
+        return named
     return None
 
 

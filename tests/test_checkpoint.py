@@ -112,7 +112,7 @@ def test_missing_entries_are_named(tmp_path):
 
 
 def test_split_changes_name_what_was_added_removed_or_reordered():
-    saved = {"train": ["a", "b", "c"], "test": ["x", "y"], "train_images": [], "trained_earlier": []}
+    saved = {"train": "a\0b\0c", "test": "x\0y"}  # as split_ids_of stores them
     assert split_changes(saved, {"train": ["a", "b", "c"], "test": ["x", "y"]}) == []
     assert split_changes(saved, {"train": ["c", "b", "a"], "test": ["x", "y"]}) == [
         "the training split lists its 3 images in another order"]
@@ -129,7 +129,9 @@ def test_trained_images_are_told_by_their_files_not_their_ids(tmp_path):
                            np.zeros(0, np.int64), np.zeros(0, bool))
 
     train, test = [record("1", "a.jpg"), record("2", "b.jpg")], [record("1", "x.jpg"), record("9", "b.jpg")]
-    checkpoint = {"data_ids": split_ids_of(train, test) | {"trained_earlier": [image_key(record("7", "c.jpg"))]}}
+    stored = split_ids_of(train, test)
+    assert stored["train"] == "1\x002" and stored["train_images"].dtype == torch.int64
+    checkpoint = {"data_ids": stored | {"trained_earlier": torch.tensor([image_key(record("7", "c.jpg"))])}}
     # ids repeat across sources (two COCO files both start at 1): the same id "1" is another file here
     assert trained_images_among(checkpoint, [*test, record("3", "c.jpg")]) == [str(tmp_path / "b.jpg"),
                                                                                 str(tmp_path / "c.jpg")]

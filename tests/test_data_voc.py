@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -312,3 +313,17 @@ def test_a_vocdevkit_tree_takes_other_image_extensions(tmp_path, name):
     (base / "ImageSets" / "Main" / "test.txt").write_text("000001\n")
     records = load_vocdevkit(tmp_path / "VOCdevkit", ("VOC2007", "test"), cache_dir=None)
     assert records[0].image_path == base / "JPEGImages" / name and records[0].boxes.tolist() == [[0, 1, 20, 30]]
+
+
+def test_an_upper_case_filename_of_the_annotations_own_image_is_taken_as_written(tmp_path, monkeypatch, caplog):
+    # labelImg writes <filename>IMG_0001.JPG</filename>; on a case-insensitive file system IMG_0001.jpg, the
+    # first extension tried, "exists" too, and is the same file.
+    images, annotations = tmp_path / "images", tmp_path / "annotations"
+    write_jpeg(images / "IMG_0001.JPG", 30, 20)
+    write_voc_xml(annotations / "IMG_0001.xml", "IMG_0001.JPG", 30, 20, [("cat", (1, 1, 10, 10), 0)])
+    real_is_file = Path.is_file
+    monkeypatch.setattr(Path, "is_file", lambda self: real_is_file(self) or any(
+        p.name.lower() == self.name.lower() for p in self.parent.glob("*")))
+    with caplog.at_level(logging.WARNING):
+        records = load_image_folder(images, annotations, ["cat"], cache_dir=None)
+    assert records[0].image_path == images / "IMG_0001.JPG" and "names another image" not in caplog.text

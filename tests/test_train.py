@@ -19,7 +19,7 @@ import train as train_module
 from data.errors import DataError, ImageReadError
 from data.sampler import SeededSamples
 from tests.train_helpers import REPO, state_dicts_equal, tiny_config, tiny_overrides
-from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint, split_id_list
 from utils.config import ConfigError, load_config
 from utils.engine import NonFiniteLossError, keep_freed_memory_in_process
 
@@ -124,7 +124,6 @@ def test_metrics_log_and_resolved_config_are_written(tmp_path):
     cfg = tiny_config(tmp_path, name="logged", epochs=2)
     summary = train_module.train(cfg, show_progress=False)
     folder = run_dir(cfg)
-    assert summary["run_dir"] == str(Path(folder).resolve())  # absolute, as after a resume
     with open(os.path.join(folder, "metrics.jsonl")) as handle:
         records = [json.loads(line) for line in handle]
     train_records = [r for r in records if r["type"] == "train"]
@@ -768,9 +767,9 @@ def test_checkpoints_list_their_splits_and_a_resume_or_eval_on_other_data_is_war
     checkpoint = load_checkpoint(last)
     main = tmp_path / "shapes" / "VOCdevkit" / "SHAPES" / "ImageSets" / "Main"
     trainval, test = (main / "trainval.txt").read_text().split(), (main / "test.txt").read_text().split()
-    assert {k: checkpoint["data_ids"][k] for k in ("train", "test", "trained_earlier")} == {
-        "train": trainval, "test": test, "trained_earlier": []}
-    assert len(checkpoint["data_ids"]["train_images"]) == len(trainval)
+    saved = checkpoint["data_ids"]
+    assert (split_id_list(saved, "train"), split_id_list(saved, "test")) == (trainval, test)
+    assert len(saved["train_images"]) == len(trainval) and len(saved["trained_earlier"]) == 0
 
     # The first training image moved into the test split by hand, as when files are renamed or re-split.
     (main / "trainval.txt").write_text("\n".join(trainval[1:]) + "\n")
@@ -842,3 +841,29 @@ def test_a_batch_that_cannot_be_loaded_keeps_the_steps_before_it_and_the_resume_
     summary = train_module.train(tiny_config(tmp_path, name="loadfail", epochs=2), resume=last, show_progress=False)
     assert summary["global_step"] == 6
     assert state_dicts_equal(load_checkpoint(last)["model"], uninterrupted_weights(tmp_path))
+
+
+def test_summary_names_the_run_folder_absolutely_when_run_output_dir_is_relative(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(tmp_path, name="relative", epochs=1)
+    cfg.run.output_dir = "runs"  # relative to the working folder, as after a resume it is not
+    summary = train_module.train(cfg, show_progress=False)
+    assert summary["run_dir"] == str(tmp_path / "runs" / "relative")
+
+
+def test_an_older_checkpoint_on_a_random_split_is_warned_about(tmp_path, capfd):
+    root = REPO / "tests" / "fixtures" / "raccoon"
+    overrides = [f"data.root={root}", "data.train_split_file=null", "data.test_split_file=null",
+                 "data.test_fraction=0.5", f"data.cache_dir={tmp_path / 'cache'}", f"run.output_dir={tmp_path}",
+                 "run.name=older", "train.epochs=1", "train.batch_size=2", "model.width_mult=0.0625",
+                 "model.image_size=64", "train.amp=fp32", "eval.coco_metrics=false"]
+    cfg = load_config(REPO / "configs" / "custom.yaml", overrides)
+    train_module.train(cfg, show_progress=False)
+    last = tmp_path / "older" / "last.pt"
+    checkpoint = load_checkpoint(last)
+    del checkpoint["data_ids"]  # as written before checkpoints listed their splits
+    torch.save(checkpoint, last)
+    capfd.readouterr()
+    assert eval_module.main(["--config", str(REPO / "configs" / "custom.yaml"), "--checkpoint", str(last),
+                             "--no-coco", *overrides]) == 0
+    assert "does not list its splits (written before checkpoints did), and a random split" in capfd.readouterr().err

@@ -201,6 +201,16 @@ def settings_the_checkpoint_decides(cfg: Config, saved: Config) -> list[str]:
     return [f"{key}={value!r} (checkpoint: {other!r})" for key, (value, other) in pairs.items() if value != other]
 
 
+def unlisted_random_split(data: DataConfig, checkpoint: dict) -> str | None:
+    """Why the split of a checkpoint that does not list its splits (written before checkpoints did) may not be
+    the one it trained with, when ``data`` splits at random: such splits are drawn per image since; else None."""
+    if isinstance(checkpoint.get("data_ids"), dict) or data.format != "folder" or data.train_split_file is not None:
+        return None
+    return ("it does not list its splits (written before checkpoints did), and a random split (no split files) is "
+            "now drawn per image from a hash of its id, so its test images may include images it trained on; give "
+            "data.train_split_file and data.test_split_file to be sure")
+
+
 # What an evaluation of a checkpoint takes from its config rather than from the checkpoint, and that changes
 # its mAP: detections are filtered, suppressed and voted by the first four, computed in the precision of the
 # last.
