@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"cannot write {output_dir / 'detections.json'}: {error.strerror or error}") from error
         print(f"wrote {len(report)} images and {output_dir / 'detections.json'}")
         if unreadable:
-            where = f"the others are in {output_dir}" if report else "nothing was detected"
+            where = f"the others are in {output_dir}" if report else "no image could be processed"
             raise InputError(f"{len(unreadable)} of the {len(files)} images could not be read (first: "
                              f"{unreadable[0]}); {where}")
     except (InputError, *USER_ERRORS) as error:

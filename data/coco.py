@@ -55,7 +55,12 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float
+        return False
 
 
 def _unique_int_ids(entries: list, what: str, annotation_json: Path) -> set[int]:
@@ -202,9 +207,11 @@ def load_coco(
         keep = ~(bad | outside)
         stats.boxes_dropped += int((~keep).sum())
         stats.boxes_clipped += int(moved.sum())
-        # COCO's `area` (the segmentation's) sorts objects into small, medium and large; the box's when absent.
-        areas = np.array([a["area"] if _is_number(a.get("area")) and a["area"] > 0 else w * h
-                          for a, (_, _, w, h) in zip(anns, xywh.tolist(), strict=True)], dtype=np.float64)
+        # COCO's `area` (the segmentation's) sorts objects into small, medium and large; where it is missing
+        # or not a positive number, the box's area inside the image, as for VOC data.
+        box_areas = ((clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])).tolist()
+        areas = np.array([a["area"] if _is_number(a.get("area")) and a["area"] > 0 else box_area
+                          for a, box_area in zip(anns, box_areas, strict=True)], dtype=np.float64)
         rec = ImageRecord(str(img_id), image_path, width, height, clipped[keep], labels[keep], crowd[keep],
                           areas[keep])
         stats.boxes_kept += rec.n_boxes

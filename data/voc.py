@@ -102,7 +102,9 @@ def _resolve_image(images_dir: Path, filename: str | None, image_id: str, xml_pa
     a case-insensitive file system).
     """
     named = images_dir / filename if filename else None
-    if named is not None and named.stem == image_id and named.is_file():
+    own_name = (named is not None and Path(filename).name == filename and named.stem == image_id
+                and named.suffix in IMAGE_EXTENSIONS)  # a file name, not a path elsewhere; an image's extension
+    if own_name and named.is_file():
         return named
     for ext in IMAGE_EXTENSIONS:
         p = images_dir / f"{image_id}{ext}"

@@ -404,8 +404,9 @@ class MultiBoxLoss(nn.Module):
 
     def _softmax_focal(self, scores: Tensor, target: Tensor) -> Tensor:
         log_p = F.log_softmax(scores, dim=-1).gather(-1, target[..., None]).squeeze(-1)
-        # 1 - p from log p without cancellation, kept above 0: where p rounds to 1 the power's derivative is
-        # infinite for gamma < 1, and the clamp's zero gradient there (the true one tends to 0) keeps it finite.
+        # 1 - p from log p by expm1 (no subtraction from 1), kept above 0: where p rounds to 1 the power's
+        # derivative is infinite for gamma < 1, and the clamp's zero gradient there (the true one tends to 0)
+        # keeps it finite.
         one_minus_p = torch.expm1(log_p).neg().clamp_min(torch.finfo(log_p.dtype).tiny)
         alpha_t = torch.where(target > 0, self.focal_alpha, 1.0 - self.focal_alpha)
         return -alpha_t * one_minus_p.pow(self.focal_gamma) * log_p

@@ -187,3 +187,15 @@ def test_coco_keys_left_empty_are_named():
                              f"data.test_annotations={COCO_JSON}", "data.ignore_unknown_classes=true"])
     records = load_split_records(cfg.data, "test")
     assert records.stats.boxes_unknown == 9 and records.stats.boxes_kept == 0
+
+
+def test_an_area_missing_or_unusable_falls_back_to_the_box_inside_the_image(tmp_path):
+    data = base(tmp_path)  # one 275 x 183 image
+    data["annotations"] = [
+        {"id": 1, "image_id": 7, "category_id": 1, "bbox": [255, 10, 40, 40], "iscrowd": 0},  # 20 px inside
+        {"id": 2, "image_id": 7, "category_id": 1, "bbox": [10, 10, 40, 40], "area": 10**400, "iscrowd": 0},
+        {"id": 3, "image_id": 7, "category_id": 1, "bbox": [60, 10, 40, 40], "area": -5, "iscrowd": 0},
+        {"id": 4, "image_id": 7, "category_id": 1, "bbox": [110, 10, 40, 40], "area": 900.5, "iscrowd": 0},
+    ]
+    records, _ = load_coco(RACCOON / "images", write_json(tmp_path / "areas.json", data))
+    assert records[0].areas.tolist() == [800.0, 1600.0, 1600.0, 900.5]

@@ -327,3 +327,12 @@ def test_an_upper_case_filename_of_the_annotations_own_image_is_taken_as_written
     with caplog.at_level(logging.WARNING):
         records = load_image_folder(images, annotations, ["cat"], cache_dir=None)
     assert records[0].image_path == images / "IMG_0001.JPG" and "names another image" not in caplog.text
+
+
+def test_a_filename_of_the_annotations_own_name_must_be_an_image_beside_the_others(tmp_path):
+    images, annotations = labelimg_folder(tmp_path, {"a": (30, 20, [("cat", (1, 1, 10, 10), 0)])})
+    (images / "a.heic").write_bytes(b"not an image OpenCV reads")
+    elsewhere = write_jpeg(tmp_path / "originals" / "a.jpg", 300, 200)
+    for filename in ("a.heic", str(elsewhere)):
+        write_voc_xml(annotations / "a.xml", filename, 30, 20, [("cat", (1, 1, 10, 10), 0)])
+        assert load_image_folder(images, annotations, ["cat"], cache_dir=None)[0].image_path == images / "a.jpg"

@@ -867,3 +867,5 @@ def test_an_older_checkpoint_on_a_random_split_is_warned_about(tmp_path, capfd):
     assert eval_module.main(["--config", str(REPO / "configs" / "custom.yaml"), "--checkpoint", str(last),
                              "--no-coco", *overrides]) == 0
     assert "does not list its splits (written before checkpoints did), and a random split" in capfd.readouterr().err
+    assert train_module.main(["--resume", str(last), "--no-progress", "train.epochs=2"]) == 0
+    assert "does not list its splits (written before checkpoints did), and a random split" in capfd.readouterr().err

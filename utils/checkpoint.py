@@ -46,9 +46,10 @@ _ID_SEPARATOR = "\0"
 
 
 def image_key(record: Any) -> int:
-    """A 63-bit key of a record's image file, the same for the same file whatever the dataset calls it (image
-    ids repeat across sources: two COCO files both number from 1). From its absolute path, not resolved: a
-    string operation, where resolving costs system calls per path."""
+    """A 63-bit key of a record's image file, the same for the same path whatever the dataset calls the image
+    (image ids repeat across sources: two COCO files both number from 1). From its absolute path, not resolved
+    (a string operation, where resolving costs system calls per path): a file reached through a symbolic link
+    is another path."""
     digest = hashlib.sha256(os.path.abspath(record.image_path).encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
 
