@@ -109,7 +109,8 @@ def _resolve_image(images_dir: Path, filename: str | None, image_id: str, xml_pa
     for ext in IMAGE_EXTENSIONS:
         p = images_dir / f"{image_id}{ext}"
         if p.is_file():
-            if named is not None and named.is_file() and not named.samefile(p):
+            # Only a file of the set is "another image": a path elsewhere is where the photo was annotated.
+            if named is not None and Path(filename).name == filename and named.is_file() and not named.samefile(p):
                 stats.note(logger, logging.WARNING,
                            f"{xml_path}: <filename> {filename!r} names another image than the annotation's own "
                            f"{p.name}; using {p.name}")
@@ -480,7 +481,7 @@ def load_image_folder(
     """Read labelImg-style data: a folder of images and a folder of VOC XML files (one per image).
 
     With `split_file`, the ids listed there (one per line; `<id>.xml` must exist). Without it, every
-    `*.xml` in annotations_dir (sorted by name), split by `split_ids(ids, split, val_fraction, seed)`:
+    `*.xml` in annotations_dir and its subfolders (ids are their paths there without `.xml`, sorted), split by `split_ids(ids, split, val_fraction, seed)`:
     split "train", "val" (= "test": the held-out part) or "all"; `test_fraction`, when given, is the
     same setting as `val_fraction` under the name evaluation configs use. Each XML's image is `<id>.<ext>` in
     images_dir, else the file its <filename> names there.
@@ -498,7 +499,10 @@ def load_image_folder(
         extra.append(Path(split_file))
         split_desc = str(split_file)
     else:
-        all_ids = sorted(p.stem for p in annotations_dir.glob("*.xml"))
+        # Subfolders too (annotations/day1/x.xml is id "day1/x", as a split file would write it).
+        all_ids = sorted(p.relative_to(annotations_dir).with_suffix("").as_posix()
+                         for p in annotations_dir.rglob("*.xml")
+                         if not any(part.startswith(".") for part in p.relative_to(annotations_dir).parts))
         if not all_ids:
             raise DataError(f"{annotations_dir}: no .xml annotation files")
         n_images = sum(1 for p in images_dir.iterdir() if p.suffix in IMAGE_EXTENSIONS)

@@ -336,3 +336,21 @@ def test_a_filename_of_the_annotations_own_name_must_be_an_image_beside_the_othe
     for filename in ("a.heic", str(elsewhere)):
         write_voc_xml(annotations / "a.xml", filename, 30, 20, [("cat", (1, 1, 10, 10), 0)])
         assert load_image_folder(images, annotations, ["cat"], cache_dir=None)[0].image_path == images / "a.jpg"
+
+
+def test_a_random_split_reads_annotations_in_subfolders(tmp_path):
+    images, annotations = labelimg_folder(tmp_path, {"a": (30, 20, [("cat", (1, 1, 10, 10), 0)])})
+    write_jpeg(images / "b.jpg", 30, 20)
+    write_voc_xml(annotations / "day2" / "b.xml", "b.jpg", 30, 20, [("cat", (2, 2, 12, 12), 0)])
+    records = load_image_folder(images, annotations, ["cat"], split="all", cache_dir=None)
+    assert sorted(r.image_id for r in records) == ["a", "day2/b"]
+    assert by_id(records)["day2/b"].image_path == images / "b.jpg"  # through its <filename>
+
+
+def test_a_filename_naming_the_photo_where_it_was_annotated_is_no_other_image_of_the_set(tmp_path, caplog):
+    images, annotations = labelimg_folder(tmp_path, {"a": (30, 20, [("cat", (1, 1, 10, 10), 0)])})
+    original = write_jpeg(tmp_path / "camera" / "IMG_7.jpg", 30, 20)
+    write_voc_xml(annotations / "a.xml", str(original), 30, 20, [("cat", (1, 1, 10, 10), 0)])
+    with caplog.at_level(logging.WARNING):
+        records = load_image_folder(images, annotations, ["cat"], cache_dir=None)
+    assert records[0].image_path == images / "a.jpg" and "names another image" not in caplog.text
