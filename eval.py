@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                 logger.warning("%s: %s", args.checkpoint, why)
             saved_ids = checkpoint.get("data_ids")
             if isinstance(saved_ids, dict):  # the data come from --config: say when they are not the run's
-                changed = split_changes(saved_ids, {"test": [r.image_id for r in records]}, parts=("test",))
+                changed = split_changes(saved_ids, {"test": [r.image_id for r in records]}, parts=("test",),
+                                        order_matters=False)
                 if changed:
                     logger.warning("%s: %s: these metrics are not comparable with those of the run (check the "
                                    "data keys of --config and the overrides)", args.checkpoint, changed[0])

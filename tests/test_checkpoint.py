@@ -136,3 +136,11 @@ def test_trained_images_are_told_by_their_files_not_their_ids(tmp_path):
     assert trained_images_among(checkpoint, [*test, record("3", "c.jpg")]) == [str(tmp_path / "b.jpg"),
                                                                                 str(tmp_path / "c.jpg")]
     assert trained_images_among({"model": {}}, test) == []  # a checkpoint that does not list its splits
+
+
+def test_an_image_reached_through_a_symlinked_folder_has_the_same_key(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    record = ImageRecord("1", tmp_path / "real" / "a.jpg", 10, 10, np.zeros((0, 4)), np.zeros(0), np.zeros(0))
+    linked = ImageRecord("1", tmp_path / "link" / "a.jpg", 10, 10, np.zeros((0, 4)), np.zeros(0), np.zeros(0))
+    assert image_key(record) == image_key(linked)
