@@ -199,7 +199,8 @@ def warn_shared_images(train_records: list, test_records: list) -> None:
     if shared:
         logger.warning(
             "%d of the %d test images are also training images (first: %s): their mAP is not a test of the "
-            "model. Check the split files or data.train_sets / data.test_sets", len(shared), len(test_records),
+            "model. Check the split files or data.train_sets / data.test_sets, and look for two annotations of "
+            "one image (a copied XML)", len(shared), len(test_records),
             shared[0],
         )
 
@@ -209,11 +210,12 @@ def warn_changed_splits(checkpoint: dict[str, Any], data_ids: dict[str, Any], te
     """Warn when a resumed run's data are not those it trained and evaluated on so far (files added, removed
     or renamed): the resume is then not exact, and test images it trained on make its mAP a test of memory.
     Adds to `data_ids` the images trained on so far that its training split no longer holds."""
+    why = unlisted_random_split(data, checkpoint)
+    if why:
+        logger.warning("%s: %s", resume, why)
+        data_ids["earlier_unknown"] = True  # so that later resumes and eval.py still say so
     saved = checkpoint.get("data_ids")
     if not isinstance(saved, dict):  # written before checkpoints listed their splits
-        why = unlisted_random_split(data, checkpoint)
-        if why:
-            logger.warning("%s: %s", resume, why)
         return
     changes = split_changes(saved, data_ids)
     if changes:
@@ -512,7 +514,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
 
     state = {"epoch": start_epoch, "batches_done": skip_batches, "global_step": global_step}
 
-    def save(name: str) -> None:
+    def refuse_non_finite_weights(name: str) -> None:
         # Every rank checks and stops together (a rank left behind would wait in the next collective).
         broken = non_finite_entries(model) + (non_finite_entries(ema.module) if ema is not None else [])
         if any_rank(bool(broken), context):
@@ -523,6 +525,9 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
                 + (", so it keeps the last good state" if (run_dir / name).exists() else " (there was none yet)")
                 + ". Lower train.lr or enable train.grad_clip_norm"
             )
+
+    def save(name: str) -> None:
+        refuse_non_finite_weights(name)
         if context.is_main:
             atomic_save(
                 checkpoint_state(
@@ -626,6 +631,8 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True,
                 finished % cfg.train.eval_every_epochs == 0
             )
             if periodic or finished == cfg.train.epochs:
+                # Weights gone NaN would otherwise surface as the evaluation's error, or as a meaningless mAP.
+                refuse_non_finite_weights("last.pt")
                 try:
                     last_map = evaluate_now()
                 except Exception as error:

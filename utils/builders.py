@@ -202,13 +202,17 @@ def settings_the_checkpoint_decides(cfg: Config, saved: Config) -> list[str]:
 
 
 def unlisted_random_split(data: DataConfig, checkpoint: dict) -> str | None:
-    """Why the split of a checkpoint that does not list its splits (written before checkpoints did) may not be
-    the one it trained with, when ``data`` splits at random: such splits are drawn per image since; else None."""
-    if isinstance(checkpoint.get("data_ids"), dict) or data.format != "folder" or data.train_split_file is not None:
+    """Why the split of a checkpoint whose run did not list its splits from the start (written before
+    checkpoints did, or resumed from such a one) may not be the one it trained with, when ``data`` splits at
+    random: such splits are drawn per image since; else None."""
+    saved = checkpoint.get("data_ids")
+    listed = isinstance(saved, dict) and not saved.get("earlier_unknown", False)
+    if listed or data.format != "folder" or data.train_split_file is not None:
         return None
-    return ("it does not list its splits (written before checkpoints did), and a random split (no split files) is "
-            "now drawn per image from a hash of its id, so its test images may include images it trained on; give "
-            "data.train_split_file and data.test_split_file to be sure")
+    return ("its run did not list its splits from the start (checkpoints before split lists), and a random split "
+            "(no split files) is now drawn per image from a hash of its id, so its test images may include images "
+            "it trained on; a run started with split files (data.train_split_file, data.test_split_file) avoids "
+            "this")
 
 
 # What an evaluation of a checkpoint takes from its config rather than from the checkpoint, and that changes
