@@ -160,9 +160,13 @@ class DetectionDataset(Dataset):
     def __getitem__(self, index: int) -> Sample:
         record = self.records[index]
         image = self.image(index)
-        keep = slice(None) if self.use_difficult else ~record.difficult
-        scale = np.array([record.width, record.height, record.width, record.height], dtype=np.float32)
-        boxes = np.clip(record.boxes[keep] / scale, 0.0, 1.0)
+        keep = np.flatnonzero(self.use_difficult | ~record.difficult)
+        scale = np.array([record.width, record.height, record.width, record.height], dtype=np.float64)
+        boxes = np.clip(record.boxes[keep] / scale, 0.0, 1.0).astype(np.float32)
+        # A box a fraction of a pixel wide can lose its width in the fractions (the loaders judge pixels), and
+        # the augmentation would refuse it.
+        has_extent = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        keep, boxes = keep[has_extent], boxes[has_extent]
         out = self.transform(
             image=image, bboxes=boxes, labels=record.labels[keep], difficult=record.difficult[keep]
         )

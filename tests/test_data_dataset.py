@@ -267,3 +267,12 @@ def test_an_image_over_opencvs_pixel_limit_is_named(tmp_path):
                      + chunk(b"IEND", b""))
     with pytest.raises(ImageReadError, match=r"giant.png: OpenCV cannot decode this image \(.*pixels"):
         load_image(path)
+
+
+def test_a_box_thinner_than_float32_fractions_hold_is_left_out_of_the_sample(tmp_path):
+    path = write_jpeg(tmp_path / "wide.jpg", 1920, 1080)
+    # 6e-5 px wide at x = 1001: its fractional width rounds to zero in float32.
+    boxes = np.array([[1001.11, 100, 1001.11006, 200], [10, 10, 500, 500]], np.float32)
+    record = ImageRecord("wide", path, 1920, 1080, boxes, np.array([1, 2]), np.array([False, False]))
+    sample = DetectionDataset([record], build_eval_transform(64))[0]
+    assert sample[2].tolist() == [2]  # the labels left: the thin box is gone, not an albumentations error

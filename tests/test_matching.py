@@ -345,3 +345,10 @@ def test_atss_batched_equals_per_box_reference():
             assert torch.equal(result.gt_index()[i][positive], targets.first_row[i] + assigned[positive])
             expected_labels = torch.where(positive, labels[i][assigned] if len(labels[i]) else 0, 0)
             assert torch.equal(result.labels[i], expected_labels)
+
+
+def test_integer_boxes_of_one_image_do_not_truncate_the_others():
+    targets = flatten_targets([torch.tensor([[0, 0, 1, 1]]), torch.tensor([[0.1, 0.1, 0.6, 0.6]])],
+                              [torch.tensor([1]), torch.tensor([2])])
+    assert targets.boxes.dtype == torch.float32
+    assert targets.boxes.tolist() == [[0.0, 0.0, 1.0, 1.0], pytest.approx([0.1, 0.1, 0.6, 0.6])]

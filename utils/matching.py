@@ -166,7 +166,8 @@ def flatten_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> Target
         labels: ``N`` tensors of shape ``(n_i,)`` (integers).
 
     Returns:
-        :class:`Targets` on the device of the first box tensor, boxes in the dtype of the first.
+        :class:`Targets` on the device of the first box tensor, boxes in their common floating dtype (float32
+        for integer boxes).
     """
     if len(boxes) != len(labels):
         raise TargetError(
@@ -191,7 +192,9 @@ def flatten_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> Target
     if not well_formed:
         _raise_target_error(boxes, labels)
 
-    device, dtype = boxes[0].device, boxes[0].dtype
+    # The images' common dtype (torch.cat promotes), not the first's: integer boxes first would truncate the rest.
+    device = boxes[0].device
+    dtype = flat_boxes.dtype if flat_boxes.dtype.is_floating_point else torch.float32
     # The sizes are known on the host: no cumsum, and repeat_interleave needs no sync for its output size.
     count_and_first_row = torch.tensor([counts, [0, *itertools.accumulate(counts[:-1])]], device=device)
     count, first_row = count_and_first_row
