@@ -287,36 +287,26 @@ class MultiBoxLoss(nn.Module):
                 and last_start < 1 and first_end > 0):
             return
         x_min, y_min, x_max, y_max = boxes.unbind(dim=1)
-        bad_box = ~(torch.isfinite(boxes).all(dim=1) & (x_max > x_min) & (y_max > y_min))
-        off_range = (boxes < _COORDINATE_RANGE[0]).any(dim=1) | (boxes > _COORDINATE_RANGE[1]).any(dim=1)
-        off_image = (x_min >= 1) | (y_min >= 1) | (x_max <= 0) | (y_max <= 0)
-        bad_label = (labels < 1) | (labels >= n_classes)
-        bad = torch.stack([bad_box.any(), off_range.any(), off_image.any(), bad_label.any()]).tolist()
-        if bad[0]:
-            row = int(bad_box.nonzero()[0])
-            raise TargetError(
-                f"boxes{_position(targets, row)} = {boxes[row].tolist()} is not a finite box with "
-                "x_max > x_min and y_max > y_min"
-            )
-        if bad[1]:
-            row = int(off_range.nonzero()[0])
-            raise TargetError(
-                f"boxes{_position(targets, row)} = {boxes[row].tolist()} has a coordinate outside "
-                f"{list(_COORDINATE_RANGE)}: boxes are fractional x_min, y_min, x_max, y_max (pixels divided by "
-                "the image's width and height), not pixels"
-            )
-        if bad[2]:
-            row = int(off_image.nonzero()[0])
-            raise TargetError(
-                f"boxes{_position(targets, row)} = {boxes[row].tolist()} lies outside the image: a fractional "
-                "box must overlap [0, 1] x [0, 1] to be matched to a prior"
-            )
-        if bad[3]:
-            row = int(bad_label.nonzero()[0])
-            raise TargetError(
-                f"labels{_position(targets, row)} = {int(labels[row])} is outside 1..{n_classes - 1} "
-                f"(0 is background, the model has {n_classes} classes)"
-            )
+        # (rows that fail, what is wrong with one), in the order they are reported.
+        problems = [
+            (~(torch.isfinite(boxes).all(dim=1) & (x_max > x_min) & (y_max > y_min)),
+             lambda row: f"boxes{_position(targets, row)} = {boxes[row].tolist()} is not a finite box with "
+                         "x_max > x_min and y_max > y_min"),
+            ((boxes < _COORDINATE_RANGE[0]).any(dim=1) | (boxes > _COORDINATE_RANGE[1]).any(dim=1),
+             lambda row: f"boxes{_position(targets, row)} = {boxes[row].tolist()} has a coordinate outside "
+                         f"{list(_COORDINATE_RANGE)}: boxes are fractional x_min, y_min, x_max, y_max (pixels "
+                         "divided by the image's width and height), not pixels"),
+            ((x_min >= 1) | (y_min >= 1) | (x_max <= 0) | (y_max <= 0),
+             lambda row: f"boxes{_position(targets, row)} = {boxes[row].tolist()} lies outside the image: a "
+                         "fractional box must overlap [0, 1] x [0, 1] to be matched to a prior"),
+            ((labels < 1) | (labels >= n_classes),
+             lambda row: f"labels{_position(targets, row)} = {int(labels[row])} is outside 1..{n_classes - 1} "
+                         f"(0 is background, the model has {n_classes} classes)"),
+        ]
+        found = torch.stack([failing.any() for failing, _ in problems]).tolist()
+        for (failing, describe), any_row in zip(problems, found, strict=True):
+            if any_row:
+                raise TargetError(describe(int(failing.nonzero()[0])))
 
     def forward(self, predicted_locs: Tensor, predicted_scores: Tensor, boxes: Sequence[Tensor],
                 labels: Sequence[Tensor]) -> LossOutput:
