@@ -29,7 +29,7 @@ from utils.builders import (
     unlisted_random_split,
 )
 from utils.checkpoint import INFERENCE_KEYS, load_checkpoint, split_changes, trained_images_among
-from utils.config import load_config
+from utils.config import Config, load_config
 from utils.distributed import DistributedContext
 from utils.engine import resolve_amp_dtype, resolve_device, run_inference
 from utils.errors import USER_ERRORS, user_message
@@ -115,6 +115,34 @@ def write_results_files(output_dir: Path, detections: list, class_names: list[st
     write_voc_results(output_dir, detections, class_names)
 
 
+def warn_where_unlike_the_run(cfg: Config, saved: Config, checkpoint: dict[str, Any], path: str,
+                              records: list) -> None:
+    """Warn where this evaluation is not the one the checkpoint's run made: the data and the `eval.*`
+    settings come from --config, the model from the checkpoint."""
+    trained = trained_images_among(checkpoint, records)
+    if trained:
+        logger.warning("%d of the %d test images were training images of %s (first: %s): their mAP is not a test "
+                       "of the model", len(trained), len(records), path, trained[0])
+    why = unlisted_random_split(cfg.data, checkpoint)
+    if why:
+        logger.warning("%s: %s", path, why)
+    saved_ids = checkpoint.get("data_ids")
+    if isinstance(saved_ids, dict):
+        changed = split_changes(saved_ids, {"test": [r.image_id for r in records]}, parts=("test",),
+                                order_matters=False)
+        if changed:
+            logger.warning("%s: %s: these metrics are not comparable with those of the run (check the data keys "
+                           "of --config and the overrides)", path, changed[0])
+    unused = settings_the_checkpoint_decides(cfg, saved)
+    if unused:
+        logger.warning("the model is rebuilt as %s was trained, so these settings of --config and the overrides "
+                       "are not used: %s", path, ", ".join(unused))
+    unlike = settings_unlike_the_run(cfg, saved)
+    if unlike:
+        logger.warning("%s: these settings of --config and the overrides differ from the run's, so the mAP is not "
+                       "the one it logged: %s", path, ", ".join(unlike))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -139,35 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                 device = resolve_device(args.device, "--device")
             checkpoint = load_checkpoint(args.checkpoint, map_location="cpu", require=INFERENCE_KEYS)
             detector = detector_from_checkpoint(checkpoint, args.checkpoint, class_names).to(device)
-            trained = trained_images_among(checkpoint, records)
-            if trained:
-                logger.warning(
-                    "%d of the %d test images were training images of %s (first: %s): their mAP is not a test "
-                    "of the model", len(trained), len(records), args.checkpoint, trained[0]
-                )
-            why = unlisted_random_split(cfg.data, checkpoint)
-            if why:
-                logger.warning("%s: %s", args.checkpoint, why)
-            saved_ids = checkpoint.get("data_ids")
-            if isinstance(saved_ids, dict):  # the data come from --config: say when they are not the run's
-                changed = split_changes(saved_ids, {"test": [r.image_id for r in records]}, parts=("test",),
-                                        order_matters=False)
-                if changed:
-                    logger.warning("%s: %s: these metrics are not comparable with those of the run (check the "
-                                   "data keys of --config and the overrides)", args.checkpoint, changed[0])
             saved = checkpoint_config(checkpoint, args.checkpoint)
-            unused = settings_the_checkpoint_decides(cfg, saved)
-            if unused:
-                logger.warning(
-                    "the model is rebuilt as %s was trained, so these settings of --config and the overrides are "
-                    "not used: %s", args.checkpoint, ", ".join(unused)
-                )
-            unlike = settings_unlike_the_run(cfg, saved)
-            if unlike:
-                logger.warning(
-                    "%s: these settings of --config and the overrides differ from the run's, so the mAP is not "
-                    "the one it logged: %s", args.checkpoint, ", ".join(unlike)
-                )
+            warn_where_unlike_the_run(cfg, saved, checkpoint, args.checkpoint, records)
             default_dir = Path(args.checkpoint).parent / "eval"
             output_dir = prepare_output_dir(Path(args.output_dir or default_dir), output_flag)
             channels_last = cfg.train.channels_last

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import albumentations as A
@@ -194,11 +195,9 @@ def settings_the_checkpoint_decides(cfg: Config, saved: Config) -> list[str]:
     """The settings of ``cfg`` that a script rebuilding the model from a checkpoint does not use because the
     checkpoint's config ``saved`` differs: ``model.*`` (the architecture, priors included) and
     ``loss.classification`` (how the logits become scores). As ``"key=value (checkpoint: value)"``."""
-    given, trained = dataclasses.asdict(cfg.model), dataclasses.asdict(saved.model)
-    pairs = {f"model.{key}": (value, trained[key]) for key, value in given.items()
-             if key not in ("pretrained", "weights_path")}  # the checkpoint holds every weight
-    pairs["loss.classification"] = (cfg.loss.classification, saved.loss.classification)
-    return [f"{key}={value!r} (checkpoint: {other!r})" for key, (value, other) in pairs.items() if value != other]
+    keys = [f"model.{key}" for key in dataclasses.asdict(cfg.model)
+            if key not in ("pretrained", "weights_path")]  # the checkpoint holds every weight
+    return _differences(cfg, saved, [*keys, "loss.classification"], "checkpoint")
 
 
 def unlisted_random_split(data: DataConfig, checkpoint: dict) -> str | None:
@@ -224,12 +223,17 @@ EVALUATION_SETTINGS = ("eval.min_score", "eval.max_overlap", "eval.top_k", "eval
 def settings_unlike_the_run(cfg: Config, saved: Config) -> list[str]:
     """The :data:`EVALUATION_SETTINGS` of ``cfg`` that differ from those a checkpoint's run (config ``saved``)
     evaluated with, as ``"key=value (run: value)"``: the mAP is then not the one the run logged."""
+    return _differences(cfg, saved, EVALUATION_SETTINGS, "run")
+
+
+def _differences(cfg: Config, saved: Config, keys: Sequence[str], whose: str) -> list[str]:
+    """``"key=value (whose: value)"`` for each dotted ``key`` whose value in ``cfg`` is not the one in ``saved``."""
     differences = []
-    for key in EVALUATION_SETTINGS:
+    for key in keys:
         section, name = key.split(".")
         value, other = getattr(getattr(cfg, section), name), getattr(getattr(saved, section), name)
         if value != other:
-            differences.append(f"{key}={value!r} (run: {other!r})")
+            differences.append(f"{key}={value!r} ({whose}: {other!r})")
     return differences
 
 
