@@ -153,12 +153,6 @@ def output_names(files: list[Path]) -> list[Path]:
     return names
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    # A photo is searched and drawn as it is shown, upright: OpenCV applies its EXIF orientation here,
-    # unlike load_image's default for training and evaluation, which keeps the frame annotations are written in.
-    return load_image(path, upright=True)
-
-
 def class_colour(label: int) -> tuple[int, int, int]:
     # A fixed, well-spread hue per class so the same class keeps its colour across images.
     hue = (label * 47) % 180
@@ -232,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         report, unreadable = [], []
         for path, name in zip(files, output_names(files), strict=True):
             try:
-                image = read_rgb(path)
+                # A photo is searched and drawn as it is shown, upright, with its EXIF orientation applied,
+                # unlike training and evaluation, which keep the frame annotations are written in.
+                image = load_image(path, upright=True)
             except ImageReadError as error:  # one bad file among many: the others are still detected
                 logger.error("%s", error)
                 unreadable.append(str(path))

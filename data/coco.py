@@ -159,10 +159,10 @@ def load_coco(
         problem = None
         if not image_path.is_file():
             problem = ImageReadError(f"{annotation_json}: image {img_id} file {image_path} not found")
-        elif first_entry.setdefault(image_path.resolve(), img_id) != img_id:
+        elif (first := first_entry.setdefault(image_path.resolve(), img_id)) != img_id:
             problem = AnnotationError(
-                f"{annotation_json}: images {first_entry[image_path.resolve()]} and {img_id} both name the file "
-                f"{image_path}: the boxes of one would be trained and scored as the other's"
+                f"{annotation_json}: images {first} and {img_id} both name the file {image_path}: the boxes of "
+                "one would be trained and scored as the other's"
             )
         if problem is not None:
             if on_error == "raise":

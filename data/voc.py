@@ -102,15 +102,14 @@ def _resolve_image(images_dir: Path, filename: str | None, image_id: str, xml_pa
     a case-insensitive file system).
     """
     named = images_dir / filename if filename else None
-    own_name = (named is not None and Path(filename).name == filename and named.stem == image_id
-                and named.suffix in IMAGE_EXTENSIONS)  # a file name, not a path elsewhere; an image's extension
-    if own_name and named.is_file():
+    # A bare file name names a file of the set; a path elsewhere is where the photo was annotated.
+    in_set = named is not None and Path(filename).name == filename
+    if in_set and named.stem == image_id and named.suffix in IMAGE_EXTENSIONS and named.is_file():
         return named
     for ext in IMAGE_EXTENSIONS:
         p = images_dir / f"{image_id}{ext}"
         if p.is_file():
-            # Only a file of the set is "another image": a path elsewhere is where the photo was annotated.
-            if named is not None and Path(filename).name == filename and named.is_file() and not named.samefile(p):
+            if in_set and named.is_file() and not named.samefile(p):
                 stats.note(logger, logging.WARNING,
                            f"{xml_path}: <filename> {filename!r} names another image than the annotation's own "
                            f"{p.name}; using {p.name}")
@@ -500,9 +499,9 @@ def load_image_folder(
         split_desc = str(split_file)
     else:
         # Subfolders too (annotations/day1/x.xml is id "day1/x", as a split file would write it).
-        all_ids = sorted(p.relative_to(annotations_dir).with_suffix("").as_posix()
-                         for p in annotations_dir.rglob("*.xml")
-                         if not any(part.startswith(".") for part in p.relative_to(annotations_dir).parts))
+        relative = (p.relative_to(annotations_dir) for p in annotations_dir.rglob("*.xml"))
+        all_ids = sorted(r.with_suffix("").as_posix() for r in relative
+                         if not any(part.startswith(".") for part in r.parts))
         if not all_ids:
             raise DataError(f"{annotations_dir}: no .xml annotation files")
         n_images = sum(1 for p in images_dir.iterdir() if p.suffix in IMAGE_EXTENSIONS)
